@@ -38,8 +38,8 @@ class ClassLabels(nn.Module):
     def forward(self, cond: Tensor, batch: int) -> Tensor:
         if cond.shape != (batch,) or cond.dtype != torch.long:
             raise ValueError(f"cond: expected a LongTensor of shape ({batch},), found {cond.dtype} {tuple(cond.shape)}")
-        # The range check reads the values back (a device sync); skipped while tracing for torch.compile.
-        if not torch.compiler.is_compiling() and cond.numel() and (cond.min() < 0 or cond.max() > self.num_classes):
+        # The range check reads the values back (a device sync): skipped while tracing and on shape-only meta tensors.
+        if not torch.compiler.is_compiling() and cond.device.type != "meta" and cond.numel() and (cond.min() < 0 or cond.max() > self.num_classes):
             raise ValueError(
                 f"cond: class ids must be in [0, {self.num_classes}] ({self.num_classes} = null class), "
                 f"found values in [{int(cond.min())}, {int(cond.max())}]"

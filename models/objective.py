@@ -187,7 +187,7 @@ def vlb(net: Callable, x: Tensor, cond: Tensor | None, *, schedule: schedules.Sc
     terms = VLBTerms(prior, reconstruction, diffusion)
     if variance_minimising and shape:
         factor = 2 * terms.total.detach()
-        for tensor in shape:
+        for tensor in (s for s in shape if s.requires_grad):
             tensor.register_hook(lambda grad, factor=factor: grad * factor.to(grad))
     return terms
 
