@@ -1,0 +1,168 @@
+"""The training stream: batches from shards, infinite, with an exact and cheap resume position.
+
+`Stream(config, rank, world_size)` yields {"x", "label", "index"} batches forever: x is (B, 3, H, W) images
+(uint8, or float in [-1, 1] as k/127.5 - 1) or (B, C, h, w) float latents; index holds the sample ids. Which
+sample goes where is `data.plan`: every (rank, worker) slot gets the same number of full batches per round (about
+an epoch), nothing padded and nothing dropped, each epoch in a new seeded shard order.
+
+Resume. `state_dict()` holds the layout (seed, world size, workers, batch size, shuffle block), the batches this
+rank has consumed, and per worker the shard order of its epoch and the samples it has consumed. With the same
+layout, `load_state_dict()` continues exactly: the batches after a resume are those an uninterrupted run would
+have produced. With a different layout (world size, workers or batch size changed), the samples the saved run had
+not yet read in its current round are read first, spread over the new ranks, and the epochs then go on where
+that round ended: no sample is repeated or skipped (`plan.Plan.continue_with`). Every rank may load the state of
+any saved rank: the position is the same on all of them.
+
+Bad samples are replaced within their batch (`reader.make_batch`) and counted in `Stream.bad`; a worker fails
+when more than `max_bad_fraction` of the samples it reads in one round are bad.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data import reader
+from data.plan import Layout, Plan
+
+
+@dataclass
+class StreamConfig:
+    index: str = ""  # the shard index: index.json, or the folder / s3 prefix holding it
+    shards: str = ""  # shard URL template with {name}, e.g. "pipe:curl -s https://host/{name}"; default: beside index
+    batch_size: int = 64  # per rank
+    num_workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 1000  # block shuffle size, in samples
+    seed: int = 0
+    flip: bool = True  # random horizontal flip (images: mirrored pixels; latents: the stored flipped latent)
+    dtype: Literal["uint8", "float"] = "float"
+    max_bad_fraction: float = 0.001
+
+    def __post_init__(self):
+        for name in ("batch_size", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, found {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, found {self.num_workers}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], found {self.max_bad_fraction}")
+
+
+def open_shards(config: StreamConfig) -> tuple[dict, list[str]]:
+    if not config.index:
+        raise ValueError("StreamConfig.index is empty: give the shard index (index.json or its folder)")
+    index, urls = reader.open_index(config.index, config.shards)
+    if index["kind"] == "latents" and config.dtype == "uint8":
+        raise ValueError(f"{config.index} holds latents, which are float: set dtype to 'float'")
+    return index, urls
+
+
+class _Slots(IterableDataset):
+    """One rank's batches; DataLoader worker w emits the batches of slot rank*W + w, from `first` on."""
+
+    def __init__(self, plan: Plan, urls: list[str], kind: str, config: StreamConfig, rank: int, first: int):
+        self.plan, self.urls, self.kind, self.config, self.rank, self.first = plan, urls, kind, config, rank, first
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        layout = self.plan.layout
+        w_count, k, size = layout.workers, layout.batches_per_round, layout.batch_size
+        slot = self.rank * w_count + worker
+        shards = reader.ShardReader(self.urls, layout.starts)
+        b = self.first // w_count + (worker < self.first % w_count)
+        while True:
+            t = b // k
+            read, order, flips = self.plan.slot_round(t, slot)
+            bad = 0
+            cached, samples = -1, []
+            for e in range(b % k * size, k * size, size):
+                raw = []
+                for j in range(e, e + size):
+                    # order permutes within blocks, so sample j of the emission comes from j's own block
+                    block = j // layout.block
+                    if block != cached:
+                        cached = block
+                        samples = [shards.get(int(i)) for i in read[block * layout.block:(block + 1) * layout.block]]
+                    pos = order[j]
+                    flip = bool(flips[j]) and self.config.flip
+                    raw.append((int(read[pos]), samples[pos - block * layout.block], flip))
+                batch = reader.make_batch(raw, self.kind, self.config.dtype)
+                bad += sum(batch["bad"].values())
+                if bad > self.config.max_bad_fraction * k * size:
+                    raise RuntimeError(
+                        f"rank {self.rank} worker {worker}: {bad} of the {k * size} samples it reads in round {t} "
+                        f"are bad so far, over max_bad_fraction={self.config.max_bad_fraction} "
+                        f"(latest reasons: {batch['bad']}); check the shards or raise max_bad_fraction")
+                yield batch
+                b += 1
+
+
+class Stream:
+    def __init__(self, config: StreamConfig, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), found {rank}")
+        self.config, self.rank, self.world_size = config, rank, world_size
+        index, self.urls = open_shards(config)
+        self.kind = index["kind"]
+        self.plan = Plan(self._layout(config.seed, world_size, config.num_workers, config.batch_size,
+                                      config.shuffle_buffer, [s["count"] for s in index["shards"]]))
+        self.batches = 0  # consumed by this rank since the plan began: the whole position
+        self.bad: Counter = Counter()
+
+    @staticmethod
+    def _layout(seed, world_size, num_workers, batch_size, block, counts) -> Layout:
+        return Layout(tuple(counts), seed, world_size, max(1, num_workers), batch_size, block)
+
+    @property
+    def batches_per_round(self) -> int:
+        """Batches every rank yields per round (about an epoch)."""
+        return self.plan.layout.workers * self.plan.layout.batches_per_round
+
+    def __iter__(self) -> Iterator[dict]:
+        slots = _Slots(self.plan, self.urls, self.kind, self.config, self.rank, self.batches)
+        # batch_size=None: batches are made in the workers; the loader returns them round robin by worker,
+        # which is the order the plan assumes.
+        loader = DataLoader(slots, batch_size=None, num_workers=self.config.num_workers)
+        for batch in loader:
+            self.batches += 1
+            self.bad.update(batch.pop("bad"))
+            yield batch
+
+    def state_dict(self) -> dict:
+        layout = self.plan.layout
+        workers = []
+        for w in range(layout.workers):
+            consumed = self.batches // layout.workers + (w < self.batches % layout.workers)
+            rounds, within = divmod(consumed, layout.batches_per_round)
+            position = (rounds * layout.round_size + (self.rank * layout.workers + w) * layout.slot_size
+                        + within * layout.batch_size) - len(self.plan.pending)
+            # a negative position is still inside the samples left over from an earlier layout
+            epoch = (self.plan.start + position) // layout.num_samples if position >= 0 else None
+            workers.append({"worker": w, "epoch": epoch,
+                            "shard_order": layout.shard_order(epoch).tolist() if epoch is not None else None,
+                            "samples_consumed": consumed * layout.batch_size})
+        return {
+            "seed": layout.seed, "world_size": layout.world_size, "num_workers": self.config.num_workers,
+            "batch_size": layout.batch_size, "shuffle_buffer": layout.block, "rank": self.rank,
+            "num_samples": layout.num_samples, "num_shards": len(layout.counts),
+            "pending": list(self.plan.pending), "start": self.plan.start, "batches": self.batches,
+            "workers": workers, "bad": dict(self.bad),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        layout = self.plan.layout
+        if (state["num_samples"], state["num_shards"]) != (layout.num_samples, len(layout.counts)):
+            raise ValueError(
+                f"the saved stream position is for {state['num_samples']} samples in {state['num_shards']} shards; "
+                f"{self.config.index} has {layout.num_samples} in {len(layout.counts)}: not the same shards")
+        saved = Plan(self._layout(state["seed"], state["world_size"], state["num_workers"], state["batch_size"],
+                                  state["shuffle_buffer"], layout.counts), tuple(state["pending"]), state["start"])
+        if saved.layout == layout:
+            self.plan, self.batches = saved, state["batches"]
+        else:
+            self.plan, self.batches = saved.continue_with(state["batches"], layout), 0
+        self.bad = Counter(state["bad"])
