@@ -319,6 +319,12 @@ class LearnedNNet(Schedule):
         span = self.gamma_span.abs()
         return -(self.gamma_0 + span * u), -span * du, (u, du)
 
+    def logsnr(self, t):
+        """Without the derivative: bisection and samplers call this many times."""
+        ends = self._g(torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device))
+        u = (self._g(t) - ends[0]) / (ends[1] - ends[0])
+        return -(self.gamma_0 + self.gamma_span.abs() * u)
+
     def t_of(self, logsnr):
         self.check_range(logsnr)
         with torch.no_grad():
