@@ -122,7 +122,7 @@ def check(cfg: WeightingConfig, logsnr_min: float, logsnr_max: float, elbo_inter
     if is_monotone(build(cfg), logsnr_min, logsnr_max):
         return
     message = (f"weighting {cfg.name!r} is not monotone in logsnr on [{logsnr_min}, {logsnr_max}], so the "
-               "objective is not an ELBO of noise-augmented data (Kingma & Gao, SPEC 2.3)")
+               "objective is not an ELBO of noise-augmented data (Kingma & Gao 2023)")
     if elbo_interpretable:
         raise ValueError(message + "; use a monotone weighting (elbo, sigmoid, edm_monotonic, v) or set "
                          "objective.elbo_interpretable=false")

@@ -97,7 +97,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         kwargs[key] = _convert(hints[key], value, path)
     try:
         return cls(**kwargs)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:  # __post_init__ checks raise ValueError naming their own key
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
     except TypeError as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
