@@ -19,11 +19,15 @@ from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 import boto3
+import boto3.exceptions
 import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
 SCHEMES = "/path, file:///path, s3://bucket/prefix"
+# What a store operation raises when the storage itself fails (disk full, network down, access denied).
+STORE_ERRORS = (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+                boto3.exceptions.Boto3Error)
 # S3 refuses parts under 5 MiB; 64 MiB keeps a multi-GB rank file at a few hundred parts (the limit is 10,000).
 DEFAULT_PART_SIZE = 64 * 2**20
 _TMP = ".tmp-"  # prefix of local temporary files; never a key
