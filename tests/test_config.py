@@ -50,3 +50,13 @@ def test_objective_config_from_yaml_validates_weighting_monotonicity():
     cfg = config.from_dict(ObjectiveConfig, {"schedule": {"name": "shifted_cosine", "resolution": 128},
                                               "weighting": {"name": "sigmoid", "bias": -1.0}})
     assert cfg.schedule.resolution == 128 and cfg.weighting.bias == -1.0
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("configs/objectives/*.yaml")))
+def test_objective_presets_load(path):
+    from models import objective, schedules, weighting as W
+    cfg = config.load(ObjectiveConfig, path)
+    sampler = objective.build_sampler(cfg)
+    assert hasattr(sampler, "sample")
+    assert W.is_monotone(W.build(cfg.weighting), cfg.schedule.logsnr_min, cfg.schedule.logsnr_max)
+    schedules.build(cfg.schedule)
