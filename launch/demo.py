@@ -14,24 +14,10 @@ from pathlib import Path
 
 import torch
 
-from models import objective, samplers, schedules
-from models.prediction import alpha_sigma
+from models import gaussian, objective, samplers, schedules
 from trainer import config
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "objectives" / "vdm_cifar10.yaml"
-
-
-class GaussianDenoiser:
-    """E[x | z] for x ~ N(mean, diag(var)): the Bayes-optimal x-prediction."""
-
-    prediction = "x"
-
-    def __init__(self, mean: torch.Tensor, var: torch.Tensor):
-        self.mean, self.var = mean, var
-
-    def __call__(self, z, logsnr, cond):
-        alpha, sigma = (v[:, None] for v in alpha_sigma(logsnr))
-        return self.mean + alpha * self.var / (alpha**2 * self.var + sigma**2) * (z - alpha * self.mean)
 
 
 def run(out: str, examples: int = 20000, seed: int = 0) -> int:
@@ -42,8 +28,8 @@ def run(out: str, examples: int = 20000, seed: int = 0) -> int:
     mean = torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=torch.float64)
     std = torch.tensor([1.0, 0.3, 2.0, 0.05], dtype=torch.float64)
     x = mean + std * torch.randn(examples, 4, generator=g, dtype=torch.float64)
-    net = GaussianDenoiser(mean, std**2)
-    entropy = float(0.5 * torch.log(2 * math.pi * math.e * std**2).sum()) / 4
+    net = gaussian.diagonal(mean, std)
+    entropy = gaussian.entropy(torch.diag(std**2)) / 4
     report = {"data": "x ~ N(mean, diag(std^2)) in 4 dimensions", "examples": examples,
               "entropy_nats_per_dim": entropy, "bounds": {}, "samples": {}}
     print(f"Gaussian data, {examples} examples: differential entropy {entropy:.4f} nats/dim")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from analytic import decoder_gap, diagonal, entropy, expected_eps_mse, prior_gap
+from models.gaussian import decoder_gap, diagonal, entropy, expected_eps_mse, prior_gap
 from models import objective, schedules, timesteps, weighting
 from models.prediction import alpha_sigma
 from models.adaptive import AdaptiveConfig, AdaptiveSampler

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from analytic import GaussianDenoiser
+from models.gaussian import GaussianDenoiser
 from models import objective, samplers, schedules
 
 MEAN = torch.tensor([1.0, -0.5], dtype=torch.float64)

@@ -1,4 +1,8 @@
-"""Closed forms for Gaussian data x ~ N(mean, cov): the optimal denoiser, its error and the entropy."""
+"""Closed forms for Gaussian data x ~ N(mean, cov): the optimal denoiser, its error and the entropy.
+
+The Bayes-optimal denoiser is a valid `net(z, logsnr, cond)`: with it the bound and the samplers can be
+checked against exact answers (tests, and the demo).
+"""
 from __future__ import annotations
 
 import math
