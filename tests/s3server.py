@@ -1,5 +1,4 @@
 """A real S3 HTTP endpoint on loopback (moto server mode), started and stopped by the tests that use it."""
-import os
 import socket
 
 import boto3

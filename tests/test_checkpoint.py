@@ -111,6 +111,7 @@ def _two_rank_worker(rank, world_size, port, local_root, s3_uri, endpoint):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: about 10 s idle, more on a loaded machine
 def test_two_ranks_write_a_verified_checkpoint_to_local_and_s3_stores(tmp_path, s3_endpoint):
     s3_uri = f"s3://{BUCKET}/ckpt-{uuid.uuid4().hex}"
     mp.spawn(_two_rank_worker, args=(2, free_port(), str(tmp_path / "root"), s3_uri, s3_endpoint), nprocs=2)

@@ -1,6 +1,3 @@
-import math
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -145,5 +142,6 @@ def _sharded_worker(rank, world_size, port):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: about 8 s idle, more on a loaded machine
 def test_per_rank_sharded_ema_consolidates_to_the_single_process_ema():
     mp.spawn(_sharded_worker, args=(2, free_port()), nprocs=2, join=True)

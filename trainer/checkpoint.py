@@ -132,7 +132,7 @@ def save(store: Store, run: str, step: int, *, images_seen: int, rank: int, worl
         return False
     try:
         _write_manifest(store, run, prefix, step, images_seen, world_size, token)
-    except (STORE_ERRORS + (ValueError,)) as e:
+    except (STORE_ERRORS + (ValueError, KeyError)) as e:  # KeyError, ValueError: a listing that is not ours
         log.error("checkpoint %s abandoned: %s", prefix, e)
         return False
     if cfg is not None:
@@ -327,8 +327,9 @@ def apply_retention(store: Store, run: str, cfg: CheckpointConfig) -> list[int]:
 
     Kept: the newest `keep_last` complete checkpoints, and when `keep_every_images` > 0 the first complete
     checkpoint at or after each positive multiple of it (by images seen): exactly the checkpoints at those
-    multiples when the intervals divide evenly, and still one per interval when they do not. Completeness here is the manifest's presence;
-    a manifest is only written after every file was uploaded, so verification is left to resume.
+    multiples when the intervals divide evenly, and still one per interval when they do not. Completeness here
+    is the manifest's presence; a manifest is only written after every file was uploaded, so verification is
+    left to resume.
     """
     deleted = []
     try:

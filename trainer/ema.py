@@ -169,7 +169,8 @@ class EMA:
         """Full float32 state dicts {average name: {parameter name: tensor}}, on the CPU.
 
         `gather(i, local)` turns the local part of parameter i into the full tensor (a collective for sharded
-        parameters, so every rank must call this); see `gather_full`.
+        parameters, so every rank must call this); see `gather_full`. Unsharded CPU averages are returned without
+        a copy: write them out before the next `update`.
         """
         return {name: {pname: gather(i, local).cpu() for i, (pname, local) in enumerate(zip(param_names, avg))}
                 for name, avg in self.averages.items()}
