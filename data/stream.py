@@ -61,16 +61,17 @@ def open_shards(config: StreamConfig) -> tuple[dict, list[str]]:
 
 
 class _Slots(IterableDataset):
-    """One rank's batches; DataLoader worker w emits the batches of slot rank*W + w, from `first` on."""
+    """One rank's batches from the rank's batch `first` on; each DataLoader worker emits those of one slot."""
 
     def __init__(self, plan: Plan, urls: list[str], kind: str, config: StreamConfig, rank: int, first: int):
         self.plan, self.urls, self.kind, self.config, self.rank, self.first = plan, urls, kind, config, rank, first
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         layout = self.plan.layout
         w_count, k, size = layout.workers, layout.batches_per_round, layout.batch_size
+        # A new DataLoader asks worker 0 first, but the rank's next batch belongs to plan worker first % W.
+        worker = ((info.id if info is not None else 0) + self.first) % w_count
         slot = self.rank * w_count + worker
         shards = reader.ShardReader(self.urls, layout.starts)
         b = self.first // w_count + (worker < self.first % w_count)

@@ -1,0 +1,260 @@
+import io
+import json
+import random
+import socket
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp_mp
+
+from data import demo, writer
+from data.stream import Stream, StreamConfig
+from data.validation import ValidationStream
+
+
+def uneven_shards(out, counts, seed=0):
+    """Demo images in shards of the given sizes (ids are the sample keys, so shards are known exactly)."""
+    jobs, key = [], 0
+    for s, n in enumerate(counts):
+        jobs.append((f"shard-{s:06d}.tar", (seed, [(key + j, key + j) for j in range(n)])))
+        key += n
+    writer.write_shards(str(out), {"kind": "images"}, jobs, demo.make_demo_shard, processes=1, overwrite=False,
+                        extra={"kind": "images", "resolution": 32, "format": "png", "classes": demo.CLASSES})
+    return str(out)
+
+
+def take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def assert_prefix_of_epochs(ids, n):
+    """`ids` are a prefix of the epoch-by-epoch stream: each of the n samples appears q or q+1 times (q full
+    epochs read), and exactly len(ids) mod n samples appear q+1 times: nothing dropped, nothing read twice."""
+    counts = Counter(ids)
+    q, r = divmod(len(ids), n)
+    assert set(counts) <= set(range(n))
+    assert sum(1 for i in range(n) if counts[i] == q + 1) == r
+    assert all(counts[i] in (q, q + 1) for i in range(n))
+
+
+@pytest.mark.parametrize("counts", [[1, 37, 5, 60], [1, 100, 2], [103]],
+                         ids=["uneven", "fewer-shards-than-slots", "one-shard"])
+def test_two_ranks_two_workers_read_each_sample_once_per_epoch_with_equal_full_batches(tmp_path, counts):
+    index = uneven_shards(tmp_path, counts)
+    n = sum(counts)  # 103: not divisible by ranks x workers x batch = 16
+    config = StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10)
+    streams = [Stream(config, rank=r, world_size=2) for r in range(2)]
+    assert streams[0].batches_per_round == streams[1].batches_per_round
+    rounds = 2
+    batches = [take(s, rounds * s.batches_per_round) for s in streams]
+    assert all(b["x"].shape == (4, 3, 32, 32) for rank in batches for b in rank)
+    ids = [int(i) for rank in batches for b in rank for i in b["index"]]
+    assert_prefix_of_epochs(ids, n)
+
+
+def test_labels_and_pixels_match_the_demo_generator(tmp_path):
+    index = uneven_shards(tmp_path, [7, 5])
+    batch = take(Stream(StreamConfig(index=index, batch_size=12, num_workers=0, flip=False, dtype="uint8")), 1)[0]
+    for x, label, i in zip(batch["x"], batch["label"], batch["index"]):
+        image, expected = demo.draw(0, int(i))
+        assert int(label) == expected
+        assert torch.equal(x, torch.from_numpy(image).permute(2, 0, 1))
+
+
+def test_float_batches_are_in_minus_one_one_and_flips_mirror_the_image(tmp_path):
+    index = uneven_shards(tmp_path, [30])
+    plain = take(Stream(StreamConfig(index=index, batch_size=30, num_workers=0, flip=False)), 1)[0]
+    flipped = take(Stream(StreamConfig(index=index, batch_size=30, num_workers=0, flip=True)), 1)[0]
+    assert torch.equal(plain["index"], flipped["index"])
+    assert plain["x"].dtype == torch.float32 and plain["x"].min() >= -1 and plain["x"].max() <= 1
+    mirrored = [torch.equal(f, p.flip(2)) and not torch.equal(f, p) for f, p in zip(flipped["x"], plain["x"])]
+    assert 5 < sum(mirrored) < 25
+
+
+def test_resume_at_a_random_step_gives_the_uninterrupted_batches(tmp_path):
+    index = uneven_shards(tmp_path, [13, 40, 9, 41])
+    config = StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10, seed=3)
+    total = 40  # more than one round: k * workers = 14 batches per round for rank 1 of 2
+    reference = take(Stream(config, rank=1, world_size=2), total)
+    step = random.Random(0).randrange(1, total)
+    first = Stream(config, rank=1, world_size=2)
+    head = take(first, step)
+    state = json.loads(json.dumps(first.state_dict()))  # plain data, as a checkpoint stores it
+    second = Stream(config, rank=1, world_size=2)
+    second.load_state_dict(state)
+    resumed = head + take(second, total - step)
+    for a, b in zip(reference, resumed):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["x"], b["x"])
+        assert torch.equal(a["label"], b["label"])
+    assert state["workers"][0]["samples_consumed"] + state["workers"][1]["samples_consumed"] == step * 4
+
+
+def test_resume_with_another_world_size_continues_without_repeating_or_skipping(tmp_path):
+    counts = [13, 40, 9, 41]
+    index = uneven_shards(tmp_path, counts)
+    old = [Stream(StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10), r, 2) for r in range(2)]
+    done = [int(i) for s in old for b in take(s, 5) for i in b["index"]]  # stopped inside the first round
+    state = old[0].state_dict()
+    new_config = StreamConfig(index=index, batch_size=5, num_workers=1, shuffle_buffer=10)
+    new = [Stream(new_config, r, 3) for r in range(3)]
+    for s in new:
+        s.load_state_dict(state)
+    after = [int(i) for s in new for b in take(s, 2 * s.batches_per_round) for i in b["index"]]
+    assert_prefix_of_epochs(done + after, sum(counts))
+
+
+def test_validation_reads_every_sample_once_with_the_same_batch_count_on_every_rank(tmp_path):
+    counts = [1, 37, 5, 60]
+    index = uneven_shards(tmp_path, counts)
+    config = StreamConfig(index=index, batch_size=8, num_workers=2)
+    ranks = [ValidationStream(config, r, 2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 7
+    seen = []
+    for v in ranks:
+        batches = list(v)
+        assert len(batches) == len(v) and all(b["x"].shape[0] == 8 for b in batches)
+        seen += [int(i) for b in batches for i in b["index"][b["mask"]]]
+    assert sorted(seen) == list(range(sum(counts)))
+
+
+def test_unknown_url_scheme_is_an_error_listing_the_supported_ones(tmp_path):
+    with pytest.raises(ValueError, match="s3://.*pipe:"):
+        Stream(StreamConfig(index="gs://bucket/index.json"))
+
+
+def test_pipe_urls_give_the_same_samples_as_local_paths(tmp_path):
+    index = uneven_shards(tmp_path, [20, 12])
+    local = take(Stream(StreamConfig(index=index, batch_size=8, num_workers=0)), 4)
+    piped = take(Stream(StreamConfig(index=index, shards=f"pipe:cat {tmp_path}/{{name}}", batch_size=8,
+                                     num_workers=0)), 4)
+    for a, b in zip(local, piped):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["index"], b["index"])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="shards")
+    yield endpoint
+    server.stop()
+
+
+def test_s3_shards_written_and_read_through_a_real_s3_server_match_local_ones(tmp_path, s3_endpoint):
+    local_index = demo.write(str(tmp_path), num_images=60, samples_per_shard=25)
+    s3_index = demo.write("s3://shards/demo", num_images=60, samples_per_shard=25)
+    assert [s["sha256"] for s in local_index["shards"]] == [s["sha256"] for s in s3_index["shards"]]
+    again = demo.write("s3://shards/demo", num_images=60, samples_per_shard=25)  # finished shards are kept
+    assert again["shards"] == s3_index["shards"]
+    config = dict(batch_size=8, num_workers=2, shuffle_buffer=16)
+    local = take(Stream(StreamConfig(index=str(tmp_path), **config)), 10)
+    remote = take(Stream(StreamConfig(index="s3://shards/demo/index.json", **config)), 10)
+    for a, b in zip(local, remote):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["index"], b["index"])
+
+
+def damaged_shards(out):
+    """Shard 0: 20 good samples, one with a corrupt JPEG, one without label, one without image. Shard 1: cut off
+    inside its 10th sample's image (a truncated tar member): 8 samples read, 12 owed, as WebDataset only
+    yields the 9th once the 10th's member has been read."""
+    out.mkdir()
+    good = [demo.draw(0, i) for i in range(30)]
+
+    def png(i):
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(good[i][0]).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(out / "shard-000000.tar", "w") as tar:
+        for i in range(20):
+            add(tar, f"{i:09d}.png", png(i))
+            add(tar, f"{i:09d}.cls", str(good[i][1]).encode())
+        add(tar, "000000020.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg")
+        add(tar, "000000020.cls", b"1")
+        add(tar, "000000021.png", png(0))
+        add(tar, "000000022.cls", b"2")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(20):
+            add(tar, f"{100 + i:09d}.png", png(i))
+            add(tar, f"{100 + i:09d}.cls", str(good[i][1]).encode())
+    data = buf.getvalue()
+    member = tarfile.open(fileobj=io.BytesIO(data)).getmember("000000109.png")
+    (out / "shard-000001.tar").write_bytes(data[:member.offset_data + 100])
+    index = {"kind": "images", "complete": True, "num_samples": 43, "classes": demo.CLASSES,
+             "shards": [{"name": "shard-000000.tar", "count": 23}, {"name": "shard-000001.tar", "count": 20}]}
+    (out / "index.json").write_text(json.dumps(index))
+    return str(out)
+
+
+def test_reader_replaces_and_counts_bad_samples_by_reason(tmp_path):
+    index = damaged_shards(tmp_path / "bad")
+    stream = Stream(StreamConfig(index=index, batch_size=43, num_workers=0, max_bad_fraction=0.5))
+    batch = take(stream, 1)[0]
+    assert dict(stream.bad) == {"decode_error": 1, "no_label": 1, "no_image": 1, "truncated_shard": 12}
+    assert batch["x"].shape[0] == 43 and len(set(batch["index"].tolist())) == 43 - 15
+    assert stream.state_dict()["bad"] == dict(stream.bad)
+
+
+def test_too_many_bad_samples_fail_with_a_clear_message(tmp_path):
+    index = damaged_shards(tmp_path / "bad")
+    with pytest.raises(RuntimeError, match="max_bad_fraction=0.1"):
+        take(Stream(StreamConfig(index=index, batch_size=43, num_workers=0, max_bad_fraction=0.1)), 1)
+
+
+def _distributed_check(rank, world, port, index, n, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        stream = Stream(StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10), rank, world)
+        ids = [int(i) for b in take(stream, stream.batches_per_round) for i in b["index"]]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, ids)
+        seen = torch.zeros(n, dtype=torch.int64)
+        for b in ValidationStream(StreamConfig(index=index, batch_size=8, num_workers=2), rank, world):
+            seen.index_add_(0, b["index"][b["mask"]], torch.ones(int(b["mask"].sum()), dtype=torch.int64))
+            # a collective per batch, as an evaluation loop has: it would wait forever if batch counts differed
+            dist.all_reduce(torch.zeros(1))
+        dist.all_reduce(seen)
+        if rank == 0:
+            results.put((sum(gathered, []), seen.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_real_processes_with_gloo_read_each_sample_once(tmp_path):
+    counts = [1, 37, 5, 60]
+    index = uneven_shards(tmp_path, counts)
+    # fork, like the ranks torchrun starts: a spawned rank's DataLoader workers would be spawned too, each
+    # importing torch again (about 20 s here instead of 1 s)
+    results = tmp_mp.get_context("fork").SimpleQueue()
+    tmp_mp.start_processes(_distributed_check, args=(2, free_port(), index, sum(counts), results), nprocs=2,
+                           start_method="fork")
+    train_ids, seen = results.get()
+    assert_prefix_of_epochs(train_ids, sum(counts))
+    assert seen == [1] * sum(counts)
