@@ -42,6 +42,7 @@ def test_put_get_list_exists_delete_round_trip(store, tmp_path):
         assert f.read(10) == src.read_bytes()[:10]
     assert store.list("run/") == ["run/a.json", "run/sub/b.bin"]
     assert store.list() == ["other/c", "run/a.json", "run/sub/b.bin"]
+    assert store.list("run/s") == ["run/sub/b.bin"] and store.list("missing/") == []
     assert store.exists("run/a.json") and not store.exists("run/missing")
     store.put("run/a.json", b"new")  # overwrite replaces the whole object
     assert store.get("run/a.json") == b"new"

@@ -151,10 +151,13 @@ class LocalStore:
         shutil.copyfile(self._path(key), path)
 
     def list(self, prefix: str = "") -> list[str]:
-        if not self.root.is_dir():
+        # Walk only the deepest directory the prefix names, not the whole store.
+        base = prefix.rpartition("/")[0]
+        start = self._path(base) if base else self.root
+        if not start.is_dir():
             return []
         keys = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        for dirpath, dirnames, filenames in os.walk(start):
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in filenames:
                 key = name if rel == "." else f"{rel}/{name}"
