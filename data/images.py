@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 # Below this the image carries no content at any of our resolutions (a 1x1 "image" upsampled is one colour).
 MIN_SIDE = 8
 JPEG_QUALITY = 95
+SIGNATURES = (b"\xff\xd8", b"\x89PNG")
 
 
 class BadImage(Exception):
@@ -26,14 +27,12 @@ def open_image(data: bytes) -> Image.Image:
     """Decode fully (so truncation shows now, not later) or raise BadImage."""
     try:
         image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as e:
-        raise BadImage("not_an_image", str(e)) from None
-    try:
         image.load()
-    except OSError as e:
-        raise BadImage("truncated" if "truncated" in str(e) else "corrupt", str(e)) from None
-    except Exception as e:  # Pillow raises assorted types (SyntaxError, ValueError) on damaged streams
-        raise BadImage("corrupt", str(e)) from None
+    except UnidentifiedImageError as e:
+        # a file that starts like a JPEG or PNG but does not parse is a damaged image, not some other file
+        raise BadImage("corrupt" if data.startswith(SIGNATURES) else "not_an_image", str(e)) from None
+    except Exception as e:  # Pillow raises assorted types (OSError, SyntaxError, ValueError) on damaged streams
+        raise BadImage("truncated" if "truncated" in str(e).lower() else "corrupt", str(e)) from None
     if min(image.size) < MIN_SIDE:
         raise BadImage("too_small", f"{image.size[0]}x{image.size[1]}")
     return image

@@ -41,10 +41,11 @@ def make_image_shard(payload: tuple, tar_path: str) -> dict:
         for offset, (rel, label) in enumerate(files):
             try:
                 data = Path(root, rel).read_bytes()
-                member, ext, conversion = convert(data, resolution, fmt)
-            except OSError:
+            except OSError:  # removed or unreadable since the scan
                 skipped["unreadable"] += 1
                 continue
+            try:
+                member, ext, conversion = convert(data, resolution, fmt)
             except images.BadImage as e:
                 skipped[e.reason] += 1
                 continue
