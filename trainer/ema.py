@@ -68,7 +68,8 @@ def power_beta(t: int, gamma: float) -> float:
     """Decay of the power EMA at update t >= 1 (EDM2 Sec. 3.1). beta_1 = 0: the first update copies the weights.
 
     Unrolled, weight i of t receives (i^(gamma+1) - (i-1)^(gamma+1)) / t^(gamma+1): exactly the profile's mass on
-    (i-1, i], which is why the continuous inner products below describe the discrete averages.
+    (i-1, i]. The discrete average is the continuous profile applied to the step-wise constant weight trajectory,
+    so post-hoc synthesis can work with the continuous profiles and their closed-form inner products.
     """
     return (1 - 1 / t) ** (gamma + 1)
 
