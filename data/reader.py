@@ -1,8 +1,8 @@
 """Reading samples by id from the shards of an index, and turning them into batches.
 
-Reading is WebDataset's (`tar_file_expander` + `group_by_keys` over a stream from `storage.open_read`); what it
-lacks and we add is addressing a sample by its id (the plan needs it for exact resume) and counting, instead of
-raising or silently dropping, the samples that cannot be used.
+Shards are streamed (`storage.open_read`: local, S3, pipe:) and split into samples by `data.tar`. What we add
+to plain WebDataset reading is addressing a sample by its id (the plan needs it for exact resume) and counting,
+instead of raising or silently dropping, the samples that cannot be used.
 """
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_expander
-
-from data import images, storage, writer
+from data import images, storage, tar, writer
 
 
 def shard_urls(index_url: str, index: dict, template: str = "") -> list[str]:
@@ -39,7 +37,7 @@ def open_index(index_url: str, template: str = "") -> tuple[dict, list[str]]:
 def iterate_shard(url: str) -> Iterator[dict]:
     stream = storage.open_read(url)
     try:
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        yield from tar.samples(stream)
     finally:
         stream.close()
 
@@ -75,7 +73,7 @@ class ShardReader:
                 break
             except FileNotFoundError:
                 raise
-            except Exception:  # tarfile.ReadError and friends: the rest of this shard cannot be read
+            except Exception:  # truncated or damaged tar: the rest of this shard cannot be read
                 self._samples, self._failure = None, "truncated_shard"
                 break
             self._next += 1

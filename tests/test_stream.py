@@ -258,3 +258,28 @@ def test_two_real_processes_with_gloo_read_each_sample_once(tmp_path):
     train_ids, seen = results.get()
     assert_prefix_of_epochs(train_ids, sum(counts))
     assert seen == [1] * sum(counts)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_samples_match_webdataset_grouping_for_long_names_and_folders(tmp_path, fmt):
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from data import tar as tar_reader
+
+    path = tmp_path / "t.tar"
+    long_folder = "d" * 60 + "/" + "e" * 60 if fmt != tarfile.USTAR_FORMAT else "short"
+    with tarfile.open(path, "w", format=fmt) as t:
+        t.addfile(tarfile.TarInfo("folder"), None)
+        for i, (name, data) in enumerate([("a.jpg", b"x" * 700), ("a.CLS", b"1"), (f"{long_folder}/b.x.npy", b""),
+                                          (f"{long_folder}/b.cls", b"22"), ("c.cls", b"3" * 512)]):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        ours = list(tar_reader.samples(f))
+    with open(path, "rb") as f:
+        theirs = [{k: v for k, v in s.items() if k != "__url__"}
+                  for s in group_by_keys(tar_file_expander([{"url": "t", "stream": f}]))]
+    assert ours == theirs and len(ours) == 3
+    with pytest.raises(tar_reader.TruncatedTar):
+        list(tar_reader.samples(io.BytesIO(path.read_bytes()[:1500])))

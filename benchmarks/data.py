@@ -1,0 +1,137 @@
+"""Reading speed of our shards against an ImageFolder-style dataset, and the JPEG decoders, on one CPU core.
+
+Prints JSON. Source images are synthetic photographs (smooth structure plus grain, so JPEG sizes are like
+ImageNet's), written by `elbodiff shards` at 64 and 256; the ImageFolder-style set holds the very same JPEG bytes as
+one file per image, read with PIL through a torch DataLoader. Both sides run in the main process (num_workers=0,
+one torch thread): images/s per core. The decode ceiling is the chosen decoder alone on the same bytes in memory.
+
+    .venv/bin/python benchmarks/data.py [--images 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as a script, this file's folder heads sys.path and the file's own name would hide the `data` package.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data import images, shards  # noqa: E402
+from data.reader import iterate_shard  # noqa: E402
+from data.stream import Stream, StreamConfig  # noqa: E402
+
+
+def synthetic_photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    coarse = rng.random((h // 32 + 2, w // 32 + 2, 3))
+    smooth = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC), float)
+    grain = rng.normal(0, 12, (h, w, 3))
+    return np.clip(smooth + grain, 0, 255).astype(np.uint8)
+
+
+class ImageFolderStyle(torch.utils.data.Dataset):
+    def __init__(self, files: list[tuple[str, int]]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        path, label = self.files[i]
+        with Image.open(path) as image:
+            x = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+        return x, label
+
+
+def best_rate(run, count: int, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return count / best
+
+
+def measure(out: Path, count: int, batch: int) -> dict:
+    members = [(s["__key__"], s["jpg"], int(s["cls"])) for name in sorted(out.glob("shard-*.tar"))
+               for s in iterate_shard(str(name))]
+    folder = out / "folder"
+    files = []
+    for key, data, label in members:
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        path = folder / str(label) / f"{key}.jpg"
+        path.write_bytes(data)
+        files.append((str(path), label))
+    n = len(members) // batch * batch
+
+    def ours():
+        it = iter(Stream(StreamConfig(index=str(out), batch_size=batch, num_workers=0, dtype="uint8")))
+        for _ in range(n // batch):
+            next(it)
+
+    def folder_style():
+        loader = torch.utils.data.DataLoader(ImageFolderStyle(files), batch_size=batch, shuffle=True,
+                                             num_workers=0, drop_last=True)
+        for _ in loader:
+            pass
+
+    payloads = [data for _, data, _ in members]
+    import simplejpeg
+    from torchvision.io import decode_jpeg
+
+    def decode_all(fn):
+        return lambda: [fn(d) for d in payloads]
+
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in payloads]
+    decoders = {
+        "simplejpeg": best_rate(decode_all(lambda d: simplejpeg.decode_jpeg(d, colorspace="RGB")), len(payloads)),
+        "pillow": best_rate(decode_all(lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB"))),
+                            len(payloads)),
+        "torchvision.io.decode_jpeg": best_rate(lambda: [decode_jpeg(t) for t in tensors], len(payloads)),
+    }
+    result = {
+        "images": len(members),
+        "mean_jpeg_bytes": int(np.mean([len(d) for d in payloads])),
+        "ours_images_per_s": best_rate(ours, n),
+        "imagefolder_images_per_s": best_rate(folder_style, n),
+        "decode_ceiling_images_per_s": best_rate(decode_all(lambda d: images.decode(d, "jpg")), len(payloads)),
+        "decoders_in_memory_images_per_s": decoders,
+    }
+    result["ratio_to_imagefolder"] = result["ours_images_per_s"] / result["imagefolder_images_per_s"]
+    result["fraction_of_decode_ceiling"] = result["ours_images_per_s"] / result["decode_ceiling_images_per_s"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch_threads": 1, "resolutions": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "src")
+        for i in range(args.images):
+            folder = src / f"n{i % 10:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            image = Image.fromarray(synthetic_photo(rng, 300, 400))
+            image.save(folder / f"{i}.JPEG", quality=90)
+        for resolution in (64, 256):
+            out = Path(tmp, f"r{resolution}")
+            shards.write(str(src), str(out), resolution=resolution, samples_per_shard=250,
+                         processes=os.cpu_count() or 1)
+            report["resolutions"][str(resolution)] = measure(out, args.images, batch=50)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
