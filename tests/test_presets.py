@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from models.prediction import PREDICTIONS
+from models.presets import PRESETS, build_network, preset_config
+from models.samplers import guided
+from models.unet_vdm import DiffEncEncoder
+from models.uvit import UViTConfig
+from trainer.config import ConfigError, from_dict, to_dict
+
+NETWORKS = [name for name, c in PRESETS.items() if not name.startswith("diffenc_encoder")]
+
+
+def test_unknown_preset_error_lists_every_preset():
+    with pytest.raises(ValueError) as info:
+        build_network("uvit_huge")
+    for name in PRESETS:
+        assert name in str(info.value)
+
+
+def test_unknown_override_names_the_nearest_field():
+    with pytest.raises(ValueError, match="did you mean 'label_dropout'"):
+        build_network("uvit_tiny", label_droput=0.2)
+
+
+def test_overrides_replace_fields_without_touching_the_registry():
+    net = build_network("uvit_tiny", prediction="eps", num_classes=3)
+    assert net.prediction == "eps" and net.class_emb.num_embeddings == 4
+    assert PRESETS["uvit_tiny"].prediction == "v" and PRESETS["uvit_tiny"].num_classes == 10
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_every_network_preset_declares_a_prediction_and_keeps_the_shape_on_meta(name):
+    with torch.device("meta"):
+        net = build_network(name)
+        c = net.config
+        z = torch.empty(2, c.in_channels, c.resolution, c.resolution)
+        out = net(z, torch.empty(2), torch.full((2,), c.num_classes, dtype=torch.long))
+    assert net.prediction in PREDICTIONS and out.shape == z.shape
+
+
+def test_encoder_presets_build_on_meta():
+    with torch.device("meta"):
+        for name in ("diffenc_encoder_cifar10", "diffenc_encoder_tiny"):
+            encoder = build_network(name)
+            assert isinstance(encoder, DiffEncEncoder)
+            x = torch.empty(1, 3, encoder.config.resolution, encoder.config.resolution)
+            assert encoder(x, torch.empty(1)).shape == x.shape
+
+
+@pytest.mark.parametrize("name", ["uvit_tiny", "uvit_latent_tiny"])
+def test_guidance_one_is_conditional_zero_is_unconditional(name):
+    torch.manual_seed(0)
+    net = build_network(name, label_dropout=0.0).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    c = net.config
+    z, logsnr, cond = torch.randn(3, c.in_channels, c.resolution, c.resolution), torch.randn(3), torch.tensor([1, 4, 7])
+    null = torch.full_like(cond, c.num_classes)
+    with torch.no_grad():
+        conditional, unconditional = net(z, logsnr, cond), net(z, logsnr, null)
+        assert (conditional - unconditional).abs().max() > 1e-4  # the class changes the output at all
+        torch.testing.assert_close(guided(net, 1.0, c.num_classes)(z, logsnr, cond), conditional)
+        torch.testing.assert_close(guided(net, 0.0, c.num_classes)(z, logsnr, cond), unconditional,
+                                   rtol=1e-5, atol=1e-5)
+        expected = unconditional + 3.0 * (conditional - unconditional)
+        torch.testing.assert_close(guided(net, 3.0, c.num_classes)(z, logsnr, cond), expected,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_network_configs_load_strictly_from_yaml_mappings():
+    config = from_dict(UViTConfig, {"resolution": 32, "channels": [64, 128], "skip": "stage", "prediction": "eps"})
+    assert config.channels == (64, 128) and config.skip == "stage"
+    assert from_dict(type(PRESETS["uvit_tiny"]), to_dict(PRESETS["uvit_tiny"])) == PRESETS["uvit_tiny"]
+    with pytest.raises(ConfigError, match="'block', 'stage'"):
+        from_dict(UViTConfig, {"skip": "dense"})
+    with pytest.raises(ConfigError, match="'eps', 'v', 'x', 'F'"):
+        from_dict(UViTConfig, {"prediction": "score"})
+    with pytest.raises(ConfigError, match="stages"):
+        from_dict(UViTConfig, {"stages": ["resnet", "conv"]})
+    for name, preset in PRESETS.items():
+        assert from_dict(type(preset), to_dict(preset)) == preset, name
