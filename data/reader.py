@@ -126,12 +126,19 @@ def make_batch(raw: list[tuple[int, dict | str, bool]], kind: str, dtype: str) -
         raise RuntimeError(f"no sample of the batch with ids {[i for i, _, _ in raw]} could be read: {dict(bad)}")
     ids = [i if xs[j] is not None else raw[good][0] for j, (i, _, _) in enumerate(raw)]
     xs = [item if item is not None else xs[good] for item in xs]
-    x = torch.from_numpy(np.stack([item[0] for item in xs]))
     if kind == "images":
-        x = x.permute(0, 3, 1, 2).contiguous()
+        shape = xs[good][0].shape
+        out = np.empty((len(xs), 3, shape[0], shape[1]), np.uint8)
+        for j, (image, _) in enumerate(xs):
+            if image.shape != shape:
+                raise ValueError(f"images of sizes {shape} and {image.shape} in one batch: stream shards written at "
+                                 f"a fixed resolution (these keep the original sizes)")
+            # one strided copy per image into (B, 3, H, W): 4-5x faster here than np.stack + permute().contiguous()
+            out[j] = image.transpose(2, 0, 1)
+        x = torch.from_numpy(out)
         if dtype == "float":
-            x = x.float() / 127.5 - 1.0
+            x = x.float().div_(127.5).sub_(1.0)
     else:
-        x = x.float()
+        x = torch.from_numpy(np.stack([item[0] for item in xs])).float()
     return {"x": x, "label": torch.tensor([item[1] for item in xs], dtype=torch.int64),
             "index": torch.tensor(ids, dtype=torch.int64), "bad": dict(bad)}

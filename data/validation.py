@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import reader
 from data.plan import Layout
-from data.stream import StreamConfig, open_shards
+from data.stream import StreamConfig, as_made, open_shards
 
 
 class _RankBatches(IterableDataset):
@@ -61,7 +61,7 @@ class ValidationStream:
 
     def __iter__(self) -> Iterator[dict]:
         workers = min(self.batches.config.num_workers, len(self))
-        for batch in DataLoader(self.batches, batch_size=None, num_workers=workers):
+        for batch in DataLoader(self.batches, batch_size=None, num_workers=workers, collate_fn=as_made):
             for reason, count in batch.pop("bad").items():
                 self.bad[reason] = self.bad.get(reason, 0) + count
             yield batch
