@@ -10,8 +10,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="elbodiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the small end-to-end demonstration on CPU")
+    demo = sub.add_parser("demo", help="train on the demo data with 2 CPU ranks, then the closed-form objective demo")
     demo.add_argument("--out", default="demo-out", help="directory for everything the demo writes")
+
+    train = sub.add_parser("train", help="train one rank of a run (start it with torchrun, srun or a pod per rank)")
+    train.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
+    train.add_argument("overrides", nargs="*", help="key.sub=value settings replacing the YAML's")
 
     shards = sub.add_parser("shards", help="image folders (ImageNet train/val layout) to tar shards")
     shards.add_argument("src", help="class-per-folder tree, or a flat folder with --labels")
@@ -43,7 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         from launch import demo as demo_mod
-        return demo_mod.run(args.out)
+        return demo_mod.main(args.out)
+    if args.command == "train":
+        from trainer import train as train_mod
+        from trainer.config import ConfigError
+        from trainer.store import StoreUnreachable
+        try:
+            return train_mod.main(args.config, args.overrides)
+        except (ConfigError, StoreUnreachable) as e:  # nothing has started yet: say what to fix
+            print(f"elbodiff train: {e}", file=sys.stderr)
+            return 2
     if args.command == "shards":
         from data import shards as shards_mod
         print(shards_mod.report(shards_mod.write(

@@ -1,4 +1,8 @@
-"""`elbodiff demo`: the objective on data whose likelihood is known in closed form.
+"""`elbodiff demo`: a real training run on CPU, then the objective on data whose likelihood is known in closed form.
+
+Training: the embedded shapes dataset is written as shards, and configs/demo.yaml trains a tiny U-ViT on it with
+two ranks under torchrun (DDP over gloo) for a few minutes, with checkpoints, metrics and sample grids in a local
+store. The summary printed afterwards is read back from that store, never assumed.
 
 Gaussian data has an analytic optimal denoiser and entropy, so the printed bound can be checked by eye:
 with the optimal denoiser the continuous-time bound equals the differential entropy (plus endpoint gaps of
@@ -9,15 +13,63 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from data import demo as demo_data
 from models import gaussian, objective, samplers, schedules
-from trainer import config
+from trainer import checkpoint, config
+from trainer.store import open_store
 
-PRESET = Path(__file__).resolve().parent.parent / "configs" / "objectives" / "vdm_cifar10.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PRESET = CONFIGS / "objectives" / "vdm_cifar10.yaml"
+RUN_CONFIG = CONFIGS / "demo.yaml"
+
+
+def main(out: str) -> int:
+    code = train(out)
+    if code != 0:
+        print(f"demo training failed with exit code {code}; its output is above. The objective demo did not run.")
+        return code
+    code = run(out)
+    print(f"everything is under {Path(out).resolve()}: data/ (shards), runs/demo/ (config.yaml, logs/metrics.jsonl, "
+          "samples/, checkpoints/), objective.json")
+    return code
+
+
+def train(out: str, ranks: int = 2) -> int:
+    """Write the demo shards, train configs/demo.yaml on them from scratch, and print what the store holds."""
+    data, runs = Path(out) / "data", Path(out) / "runs"
+    index = demo_data.write(str(data))
+    print(f"demo shards: {sum(s['count'] for s in index['shards'])} images in {data.resolve()}")
+    shutil.rmtree(runs / "demo", ignore_errors=True)  # a fresh run each time; resuming a finished one trains nothing
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               "-m", "launch.cli", "train", str(RUN_CONFIG), f"store={runs.resolve()}", f"data.index={data.resolve()}"]
+    print("training:", " ".join(command[2:]), flush=True)
+    start = time.perf_counter()
+    code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    if code != 0:
+        return code
+    store = open_store(str(runs.resolve()))
+    records = [json.loads(line) for line in store.get("demo/logs/metrics.jsonl").decode().splitlines()]
+    steps = checkpoint.complete_steps(store, "demo")
+    manifest = checkpoint.read_manifest(store, "demo", steps[-1])
+    print(f"trained {manifest['images_seen']} images on {manifest['world_size']} ranks in "
+          f"{time.perf_counter() - start:.0f} s ({records[-1]['images_per_s']:.0f} images/s at the end)")
+    print(f"  weighted loss (nats per image) over the first {records[0]['images_seen']} images: "
+          f"{records[0]['loss']:.1f}; over the last interval: {records[-1]['loss']:.1f}; "
+          f"skipped steps: {records[-1]['skipped_steps']}")
+    print(f"  checkpoints (complete, verified on resume): {', '.join(f'{s:09d}' for s in steps)} in "
+          f"{(runs / 'demo' / 'checkpoints').resolve()}")
+    grids = sorted(key for key in store.list("demo/samples/"))
+    print(f"  sample grids from the EMA weights: {', '.join(str(runs.resolve() / k) for k in grids)}")
+    return 0
 
 
 def run(out: str, examples: int = 20000, seed: int = 0) -> int:

@@ -1,0 +1,204 @@
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from data import demo
+from data.stream import Stream
+from launch.cli import main as cli
+from trainer import checkpoint, config, train
+from trainer.experiment import ExperimentConfig
+from trainer.store import open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+# The demo config with a network small enough that a step takes milliseconds; dropout off so that one process
+# on the global batch must match two ranks; the adaptive sampler, whose bin statistics are all-reduced and whose
+# table is part of the resume state.
+TINY = ["objective.importance=adaptive", "data.batch_size=4", "data.shuffle_buffer=16",
+        "network.overrides.channels=[16,32]", "network.overrides.transformer_channels=32",
+        "network.overrides.transformer_depth=1", "network.overrides.head_channels=16",
+        "network.overrides.emb_channels=32", "network.overrides.norm_groups=4", "network.overrides.label_dropout=0.0",
+        "log_every_images=8", "sample_steps=4", "checkpoint.every_images=64", "optimizer.warmup_images=16"]
+STEPS, GLOBAL_BATCH = 24, 8  # two ranks x data.batch_size
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def settings(data, store, total=STEPS * GLOBAL_BATCH, sample_every=STEPS * GLOBAL_BATCH):
+    return [*TINY, f"data.index={data}", f"store={store}", f"total_images={total}",
+            f"sample_every_images={sample_every}"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    demo.write(str(out), num_images=96, samples_per_shard=32)
+    return out
+
+
+def torchrun(args, log):
+    with open(log, "w") as f:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "launch.cli", "train", str(DEMO), *args],
+                              cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, timeout=300).returncode
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(store):
+    return [json.loads(line) for line in (Path(store) / "demo" / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(store):
+    s = open_store(str(store))
+    return checkpoint.load_rank(s, "demo", checkpoint.latest_complete(s, "demo"), 0, 2)
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """Three 2-rank runs of the same config: `full` uninterrupted under torchrun; `stopped` as two processes started
+    the way srun starts them (environment only), signalled on rank 1 after its first step; `resumed` under torchrun,
+    continuing the stopped run's store to the end."""
+    tmp = tmp_path_factory.mktemp("runs")
+    full, split = tmp / "full", tmp / "split"
+    assert torchrun(settings(data, full), tmp / "full.log") == 0, (tmp / "full.log").read_text()[-3000:]
+
+    port, procs, logs = free_port(), [], []
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        logs.append(open(tmp / f"stopped-{rank}.log", "w"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(DEMO),
+                                       *settings(data, split, total=10**4 * GLOBAL_BATCH, sample_every=0)],
+                                      cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+    log_file = split / "demo" / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not log_file.exists() and time.monotonic() < deadline and procs[0].poll() is None:
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [proc.wait(timeout=120) for proc in procs]
+    for f in logs:
+        f.close()
+    stopped_at = metrics(split)[-1]["images_seen"]
+    s = open_store(str(split))
+    manifests = [checkpoint.read_manifest(s, "demo", step) for step in checkpoint.complete_steps(s, "demo")]
+
+    assert torchrun(settings(data, split), tmp / "resumed.log") == 0, (tmp / "resumed.log").read_text()[-3000:]
+    return {"full": full, "split": split, "codes": codes, "stopped_at": stopped_at, "manifests": manifests,
+            "tmp": tmp}
+
+
+@pytest.mark.slow  # three 2-rank launches, shared by the tests below: about a minute
+def test_signal_on_one_rank_checkpoints_and_every_rank_exits_with_the_requeue_code(runs):
+    assert runs["codes"] == [train.EXIT_REQUEUE, train.EXIT_REQUEUE]
+    assert 0 < runs["stopped_at"] < STEPS * GLOBAL_BATCH, "the signal must arrive mid-run for the resume test"
+    assert runs["stopped_at"] == runs["manifests"][-1]["images_seen"]
+    assert all(m["world_size"] == 2 for m in runs["manifests"])  # two ranks really trained one model together
+    assert "stopped by SIGTERM" in (runs["tmp"] / "stopped-1.log").read_text()
+
+
+@pytest.mark.slow
+def test_resumed_run_repeats_the_uninterrupted_losses_and_weights_bitwise(runs):
+    full, resumed = metrics(runs["full"]), metrics(runs["split"])
+    assert [r["images_seen"] for r in full] == [GLOBAL_BATCH * (i + 1) for i in range(STEPS)]
+    assert [(r["images_seen"], r["loss"], r["grad_norm"], r["lr"]) for r in resumed] == \
+           [(r["images_seen"], r["loss"], r["grad_norm"], r["lr"]) for r in full]
+    a, b = final_state(runs["full"]), final_state(runs["split"])
+    assert a.images_seen == b.images_seen == STEPS * GLOBAL_BATCH
+    for key, value in a.train_state["network"].items():
+        assert torch.equal(value, b.train_state["network"][key]), key
+    for name, average in a.train_state["ema"]["averages"].items():
+        assert all(torch.equal(x, y) for x, y in zip(average, b.train_state["ema"]["averages"][name])), name
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_equal_one_process_on_the_global_batch(runs, data, monkeypatch):
+    """Replays the run in this process: the two ranks' batches and noise concatenated, one step each."""
+    cfg = config.load(ExperimentConfig, DEMO, settings(data, runs["full"]))
+    streams = [iter(Stream(cfg.data, rank, 2)) for rank in range(2)]
+    draw_noise = train.draw_noise
+
+    def global_noise(cfg, images_seen, rank, world_size, shape):
+        half = (shape[0] // 2, *shape[1:])
+        t, eps = zip(*(draw_noise(cfg, images_seen, r, 2, half) for r in range(2)))
+        return torch.cat(t), torch.cat(eps)
+
+    monkeypatch.setattr(train, "draw_noise", global_noise)
+    p = train.build_parts(cfg, 0, 1, torch.device("cpu"))
+    for step in range(STEPS):
+        batches = [next(s) for s in streams]
+        batch = {k: torch.cat([b[k] for b in batches]) for k in ("x", "label")}
+        train.train_step(p, batch, step * GLOBAL_BATCH)
+    ddp = final_state(runs["full"]).train_state["network"]
+    for key, value in p.module.state_dict().items():
+        # float32 sums in a different order (per-rank means, then the all-reduce), amplified a little by Adam
+        torch.testing.assert_close(value, ddp[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_sample_grid_has_one_column_per_class(runs):
+    grid = Image.open(io.BytesIO((runs["full"] / "demo" / "samples" / f"{STEPS:09d}.png").read_bytes()))
+    assert grid.size == (10 * 32, train.SAMPLE_ROWS * 32)
+    assert (runs["full"] / "demo" / "config.yaml").exists()
+
+
+def test_unknown_config_key_is_named_with_the_closest_valid_one(capsys):
+    assert cli(["train", str(DEMO), "optimizer.lrr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.lrr" in err and "did you mean 'lr'" in err
+
+
+def test_unreachable_store_is_reported_before_training_starts(tmp_path, data, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("the process group was created before the store was checked")
+
+    monkeypatch.setattr(train, "Accelerator", no_process_group)
+    assert cli(["train", str(DEMO), f"data.index={data}", f"store={tmp_path}/file/runs"]) == 2
+    assert "not a writable directory" in capsys.readouterr().err
+
+
+def test_intervals_that_are_not_whole_global_batches_are_refused(data, tmp_path):
+    cfg = config.load(ExperimentConfig, DEMO, settings(data, tmp_path, total=100))
+    with pytest.raises(config.ConfigError, match="total_images"):
+        cfg.check_intervals(GLOBAL_BATCH)
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops_with_a_clear_message(data, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    build_parts = train.build_parts
+
+    def poisoned(*args):
+        p = build_parts(*args)
+        with torch.no_grad():
+            next(p.module.parameters()).fill_(float("nan"))
+        return p
+
+    monkeypatch.setattr(train, "build_parts", poisoned)
+    cfg = config.load(ExperimentConfig, DEMO, [*settings(data, tmp_path), "optimizer.max_nonfinite_steps=3",
+                                               "log_every_images=4"])
+    with pytest.raises(FloatingPointError, match="3 steps in a row had non-finite gradients"):
+        train.train(cfg, open_store(str(tmp_path)), Accelerator(cpu=True))
+    logged = metrics(tmp_path)
+    assert [(r["loss"], r["skipped_steps"]) for r in logged] == [(None, 1), (None, 2)]
+
+
+def test_demo_config_loads_and_its_intervals_fit_two_ranks():
+    cfg = config.load(ExperimentConfig, DEMO)
+    cfg.check_intervals(2 * cfg.data.batch_size)
+    assert cfg.network.build_config().resolution == 32 == demo.draw(0, 0)[0].shape[0]

@@ -1,0 +1,92 @@
+"""The experiment config: everything one training run needs, composed from each component's own config.
+
+A run is `configs/<name>.yaml` plus `key.sub=value` overrides, loaded strictly by `trainer.config.load`; the
+resolved config is written to `<run>/config.yaml` at start, so the evaluation rebuilds the network from it.
+Every interval counts images seen (EDM2), so it survives a change of batch size; the loop asserts that each
+interval is a whole number of global batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from data.stream import StreamConfig
+from models import presets
+from models.objective import ObjectiveConfig
+from trainer import config
+from trainer.checkpoint import CheckpointConfig
+from trainer.config import ConfigError
+from trainer.ema import EMAConfig
+
+
+@dataclass
+class NetworkConfig:
+    preset: str = "uvit_tiny"  # a name in models.presets.PRESETS
+    overrides: dict[str, Any] = field(default_factory=dict)  # fields of the preset's config, e.g. {resolution: 32}
+
+    def build_config(self) -> presets.NetworkConfig:
+        """The preset's config with the overrides, checked field by field like the rest of the YAML."""
+        base = presets.preset_config(self.preset)
+        return config.from_dict(type(base), {**config.to_dict(base), **self.overrides}, "network.overrides")
+
+    def build(self) -> nn.Module:
+        return presets.build(self.build_config())
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with a linear warmup, then a constant learning rate."""
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01  # applied to matrices and kernels only, never to biases and norm gains
+    warmup_images: int = 0
+    grad_clip: float = 1.0  # on the global gradient norm
+    max_nonfinite_steps: int = 8  # consecutive skipped steps (non-finite gradients) before training aborts
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ConfigError(f"optimizer.lr and optimizer.grad_clip must be positive, found {self.lr}, "
+                              f"{self.grad_clip}")
+        if self.warmup_images < 0 or self.max_nonfinite_steps < 1:
+            raise ConfigError("optimizer.warmup_images must be >= 0 and optimizer.max_nonfinite_steps >= 1")
+
+
+@dataclass
+class ExperimentConfig:
+    run: str = "demo"  # the run's folder in the store
+    store: str = "demo-out/runs"  # /path, file:///path or s3://bucket/prefix
+    seed: int = 0  # network init, noise and dropout; the data order has its own seed (data.seed)
+    total_images: int = 2**20
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: StreamConfig = field(default_factory=StreamConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log_every_images: int = 2**14
+    sample_every_images: int = 2**18  # a grid from the EMA weights, rank 0; 0: none (latent runs)
+    sample_steps: int = 32  # DDIM steps of that grid: a progress picture, not an evaluation
+
+    def __post_init__(self):
+        if not self.run or "/" in self.run:
+            raise ConfigError(f"run must be a non-empty folder name without '/', found {self.run!r}")
+        if self.total_images <= 0 or self.log_every_images <= 0 or self.sample_every_images < 0:
+            raise ConfigError("total_images and log_every_images must be positive, sample_every_images >= 0")
+        if self.sample_steps < 1:
+            raise ConfigError(f"sample_steps must be at least 1, found {self.sample_steps}")
+        self.network.build_config()  # an unknown preset or field fails at load time, not after start-up
+
+    def check_intervals(self, global_batch: int) -> None:
+        """Every interval must be a whole number of global batches (batch_size x world size), or the clock
+        would step over it."""
+        intervals = {"total_images": self.total_images, "log_every_images": self.log_every_images,
+                     "sample_every_images": self.sample_every_images,
+                     "checkpoint.every_images": self.checkpoint.every_images,
+                     "checkpoint.keep_every_images": self.checkpoint.keep_every_images,
+                     "optimizer.warmup_images": self.optimizer.warmup_images}
+        uneven = {k: v for k, v in intervals.items() if v % global_batch}
+        if uneven:
+            raise ConfigError(f"intervals must be multiples of the global batch {global_batch} (data.batch_size "
+                              f"x world size); found {uneven}")

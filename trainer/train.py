@@ -1,0 +1,323 @@
+"""The training loop: `elbodiff train CONFIG [key=value ...]`, one process per rank (torchrun, srun, a pod).
+
+The clock is images seen (EDM2). Every random draw of a step follows from (seed, rank, images seen), and the
+checkpoint holds the network, optimizer, EMA, adaptive sampler, data-stream position and RNG states, so a run
+resumed from a checkpoint produces bitwise the same losses as one that was never interrupted (same world size).
+
+Backend: DDP. accelerate creates the process group (gloo on CPU, NCCL on GPUs) and wraps the network; the
+step itself is plain PyTorch. Rank 0 decides where to resume (`checkpoint.latest_complete`) and tells the others.
+
+Stopping. SIGTERM (scancel, Kubernetes eviction, torchrun forwarding its own SIGTERM) and SIGUSR1
+(`sbatch --signal=USR1@120`) let the current step finish; the ranks agree on it in the per-step all-reduce,
+write a checkpoint and exit with EXIT_REQUEUE = 75 (EX_TEMPFAIL of sysexits.h: "try again later"). A launcher
+that sees 75 requeues the job (`scontrol requeue $SLURM_JOB_ID`), and the next start resumes from that checkpoint.
+
+Written to the store, under `<run>/`: `config.yaml` (the resolved config, at every start), `logs/metrics.jsonl`
+(one JSON object per log interval: loss, grad norm, lr, images/s, images seen, skipped steps),
+`samples/<step>.png` (a grid from the EMA weights), `checkpoints/...` (trainer/checkpoint.py).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from PIL import Image
+from torch import Tensor, nn
+
+from data.stream import Stream
+from models import objective, samplers, schedules, timesteps, weighting
+from trainer import checkpoint, config
+from trainer.config import ConfigError
+from trainer.ema import EMA, gather_full
+from trainer.experiment import ExperimentConfig, OptimizerConfig
+from trainer.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+EXIT_REQUEUE = 75
+SAMPLE_ROWS = 2  # the grid has one column per class (at most 10) and this many rows
+
+
+def seed_of(*entropy: int) -> int:
+    """A 64-bit seed from a tuple of non-negative integers; nearby tuples give unrelated streams."""
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
+
+def draw_noise(cfg: ExperimentConfig, images_seen: int, rank: int, world_size: int,
+               shape: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """t and eps for this rank's share of the global batch that starts at `images_seen`.
+
+    Antithetic t shares u0 across ranks (the ranks' slices stratify [0, 1] over the global batch, VDM App. I.1);
+    eps and uniform t are the rank's own."""
+    shared = torch.Generator().manual_seed(seed_of(cfg.seed, images_seen, 0))
+    own = torch.Generator().manual_seed(seed_of(cfg.seed, images_seen, rank + 1))
+    kind = cfg.objective.time_sampler
+    t = timesteps.draw(kind, shape[0], shared if kind == "antithetic" else own, rank, world_size)
+    return t, torch.randn(tuple(shape), generator=own)
+
+
+def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+    # Decay pulls weights towards zero; biases and norm gains (the 1-d tensors) set offsets and scales, not capacity.
+    decay = [p for p in module.parameters() if p.ndim > 1]
+    no_decay = [p for p in module.parameters() if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+
+
+def learning_rate(cfg: OptimizerConfig, images_seen: int) -> float:
+    """Linear warmup to cfg.lr over warmup_images, then constant; `images_seen` includes the current batch."""
+    return cfg.lr * min(1.0, images_seen / cfg.warmup_images) if cfg.warmup_images else cfg.lr
+
+
+@dataclass
+class Parts:
+    cfg: ExperimentConfig
+    module: nn.Module  # the network itself: EMA, checkpoints and sample grids read it
+    net: nn.Module  # what the step calls: the DDP wrapper of `module` when there are several ranks
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    sampler: objective.LogSNRSampler  # p(logsnr) of the loss: the schedule or the adaptive sampler
+    weight: weighting.Weighting
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x)
+        return x
+
+
+def train_step(p: Parts, batch: dict, images_seen: int) -> tuple[Tensor, Tensor]:
+    """One optimizer step on this rank's share of the global batch starting at `images_seen`.
+
+    Returns this rank's mean loss and the global gradient norm; a non-finite norm means the step was skipped
+    (the gradients are all-reduced, so every rank sees the same norm and skips together)."""
+    cfg = p.cfg
+    torch.manual_seed(seed_of(cfg.seed, images_seen, p.rank + 1))  # dropout and label dropout
+    x, cond = batch["x"].to(p.device), batch["label"].to(p.device)
+    t, eps = draw_noise(cfg, images_seen, p.rank, p.world_size, x.shape)
+    try:
+        losses = objective.weighted_loss(p.net, x, cond, schedule=p.sampler, weighting=p.weight,
+                                         t=t.to(p.device), eps=eps.to(p.device))
+        loss = losses.mean()
+    except FloatingPointError:
+        # The other ranks are on their way to the gradient all-reduce: join it with NaN gradients, which it
+        # spreads to every rank, so all of them skip this step together instead of waiting forever.
+        loss = sum(q.sum() for q in p.module.parameters()) * math.nan
+    p.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(p.module.parameters(), cfg.optimizer.grad_clip)
+    if not torch.isfinite(grad_norm):
+        return loss.detach(), grad_norm
+    for group in p.optimizer.param_groups:
+        group["lr"] = learning_rate(cfg.optimizer, images_seen + x.shape[0] * p.world_size)
+    p.optimizer.step()
+    p.ema.update(list(p.module.parameters()))
+    if cfg.objective.importance == "adaptive":
+        logsnr, density = p.sampler.sample(t.to(p.device))
+        # the loss is 1/2 w / p ||eps - eps_hat||^2; the sampler tracks w ||eps - eps_hat||^2 (Kingma & Gao App. F)
+        p.sampler.update(logsnr, 2 * density * losses.detach(), all_reduce=p.all_reduce)
+    return loss.detach(), grad_norm
+
+
+class StopSignals:
+    """Remembers SIGTERM / SIGUSR1 instead of dying, so the loop can finish the step and checkpoint first. The
+    previous handlers come back on exit, so `train` can also run inside another program (a test, a notebook)."""
+
+    def __enter__(self) -> StopSignals:
+        self.received: str | None = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+
+class MetricsLog:
+    """`<run>/logs/metrics.jsonl`: one record per log interval, means over that interval's finite steps.
+
+    Every rank keeps the window; rank 0 writes. The store writes whole objects atomically, so the file is rewritten
+    at each interval (thousands of steps apart in a real run); on resume, records past the checkpoint are dropped,
+    because the resumed run logs those images again."""
+
+    def __init__(self, store: Store, cfg: ExperimentConfig, images_seen: int, writer: bool):
+        self.store, self.cfg, self.writer, self.key = store, cfg, writer, f"{cfg.run}/logs/metrics.jsonl"
+        old = store.get(self.key).decode().splitlines() if writer and store.exists(self.key) else []
+        self.lines = [line for line in old if json.loads(line)["images_seen"] <= images_seen]
+        self.window: list[tuple[float, float]] = []
+        self.started = time.perf_counter()
+
+    def step(self, loss: float | None, grad_norm: float, images_seen: int, global_batch: int, skipped: int) -> None:
+        if loss is not None:
+            self.window.append((loss, grad_norm))
+        if images_seen % self.cfg.log_every_images:
+            return
+        now = time.perf_counter()
+        mean = [sum(w[i] for w in self.window) / len(self.window) if self.window else None for i in (0, 1)]
+        record = {"images_seen": images_seen, "step": images_seen // global_batch, "loss": mean[0],
+                  "grad_norm": mean[1], "lr": learning_rate(self.cfg.optimizer, images_seen),
+                  "images_per_s": self.cfg.log_every_images / (now - self.started), "skipped_steps": skipped}
+        self.window, self.started = [], now
+        if self.writer:
+            self.lines.append(json.dumps(record))
+            self.store.put(self.key, ("\n".join(self.lines) + "\n").encode())
+            log.info("%s", self.lines[-1])
+
+
+def sample_grid(p: Parts) -> bytes:
+    """A PNG of DDIM samples from the first EMA's weights, one column per class, fixed noise across the run.
+
+    Drawn on rank 0 alone while the other ranks wait in the next step's all-reduce. That is safe because it is
+    small (2 x 10 images, `sample_steps` network calls), far inside the process group's timeout; real evaluation
+    (FID, bits/dim) belongs to the evaluation service, never to the training ranks."""
+    net = copy.deepcopy(p.module).eval()
+    with torch.no_grad():
+        for param, avg in zip(net.parameters(), next(iter(p.ema.averages.values()))):
+            param.copy_(avg)
+    c = net.config
+    columns = min(max(c.num_classes, 1), 10)  # an unconditional network (num_classes 0) takes the null class 0
+    cond = torch.arange(SAMPLE_ROWS * columns, device=p.device) % columns
+    shape = (len(cond), c.in_channels, c.resolution, c.resolution)
+    x = samplers.ddim(net, shape, cond, schedule=schedules.build(p.cfg.objective.schedule),
+                      steps=p.cfg.sample_steps, generator=torch.Generator().manual_seed(p.cfg.seed), device=p.device)
+    pixels = objective.decode_pixels(x.cpu()).reshape(SAMPLE_ROWS, columns, *shape[1:])
+    grid = pixels.permute(0, 3, 1, 4, 2).reshape(SAMPLE_ROWS * c.resolution, columns * c.resolution, c.in_channels)
+    out = io.BytesIO()
+    Image.fromarray(grid.numpy()).save(out, format="png")
+    return out.getvalue()
+
+
+@dataclass
+class Progress:
+    """Everything the loop counts; all of it is in the checkpoint, so a resumed run counts on exactly."""
+    images_seen: int = 0
+    skipped: int = 0  # steps skipped for non-finite gradients, in the whole run
+    nonfinite_in_a_row: int = 0
+
+    def count(self, finite: bool, limit: int) -> None:
+        self.skipped += not finite
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+        if self.nonfinite_in_a_row >= limit:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} steps in a row had non-finite gradients (up to {self.images_seen} images "
+                "seen); lower optimizer.lr or check the data, then resume from the last checkpoint")
+
+
+def save_checkpoint(p: Parts, store: Store, stream: Stream, progress: Progress, barrier: Callable[[], None]) -> bool:
+    cfg = p.cfg
+    params = list(p.module.parameters())
+    names = [name for name, _ in p.module.named_parameters()]
+    # every rank takes part: gathering sharded parameters is a collective (plain tensors under DDP)
+    ema = p.ema.consolidate(names, gather_full(params))
+    train_state = {"network": p.module.state_dict(), "optimizer": p.optimizer.state_dict(),
+                   "ema": p.ema.state_dict(), "progress": vars(progress).copy()}
+    if cfg.objective.importance == "adaptive":
+        train_state["sampler"] = p.sampler.state_dict()
+    step = progress.images_seen // (cfg.data.batch_size * p.world_size)
+    return checkpoint.save(store, cfg.run, step, images_seen=progress.images_seen, rank=p.rank,
+                           world_size=p.world_size, barrier=barrier, train_state=train_state,
+                           data_state=stream.state_dict(), ema=ema if p.rank == 0 else {},
+                           ema_metadata={name: p.ema.metadata(name) for name in ema}, cfg=cfg.checkpoint)
+
+
+def resume(p: Parts, store: Store, stream: Stream) -> Progress:
+    """Load the newest complete checkpoint, chosen by rank 0 so that every rank loads the same one."""
+    step = [checkpoint.latest_complete(store, p.cfg.run) if p.rank == 0 else None]
+    if p.world_size > 1:
+        dist.broadcast_object_list(step, src=0)
+    if step[0] is None:
+        return Progress()
+    state = checkpoint.load_rank(store, p.cfg.run, step[0], p.rank, p.world_size)
+    p.module.load_state_dict(state.train_state["network"])
+    p.optimizer.load_state_dict(state.train_state["optimizer"])
+    p.ema.load_state_dict(state.train_state["ema"])
+    if p.cfg.objective.importance == "adaptive":
+        p.sampler.load_state_dict(state.train_state["sampler"])
+    stream.load_state_dict(state.data_state)
+    checkpoint.restore_rng(state.rng)
+    log.info("resumed from checkpoint %09d at %d images seen", step[0], state.images_seen)
+    return Progress(**state.train_state["progress"])
+
+
+def build_parts(cfg: ExperimentConfig, rank: int, world_size: int, device: torch.device) -> Parts:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    module = cfg.network.build().to(device)
+    sampler = objective.build_sampler(cfg.objective).to(device)
+    return Parts(cfg, module, module, build_optimizer(module, cfg.optimizer), EMA(cfg.ema, list(module.parameters())),
+                 sampler, weighting.build(cfg.objective.weighting), rank, world_size, device)
+
+
+def train(cfg: ExperimentConfig, store: Store, accelerator: Accelerator) -> int:
+    """Train until cfg.total_images; returns 0 when done, EXIT_REQUEUE when stopped by a signal."""
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    global_batch = cfg.data.batch_size * world_size
+    cfg.check_intervals(global_batch)
+    stream = Stream(cfg.data, rank, world_size)
+    if cfg.sample_every_images and stream.kind != "images":
+        raise ConfigError(f"{cfg.data.index} holds {stream.kind}: sample grids need images (the latent decoder "
+                          "belongs to evaluation); set sample_every_images=0")
+    p = build_parts(cfg, rank, world_size, accelerator.device)
+    progress = resume(p, store, stream)
+    p.net = accelerator.prepare_model(p.module)  # DDP when world_size > 1, the module itself otherwise
+    p.net.prediction = p.module.prediction  # the objective reads it from what it calls; DDP does not forward it
+    metrics = MetricsLog(store, cfg, progress.images_seen, writer=rank == 0)
+    batches, stop = iter(stream), False
+    with StopSignals() as signals:
+        while progress.images_seen < cfg.total_images and not stop:
+            loss, grad_norm = train_step(p, next(batches), progress.images_seen)
+            progress.images_seen += global_batch
+            finite = bool(torch.isfinite(grad_norm))
+            progress.count(finite, cfg.optimizer.max_nonfinite_steps)
+            # one small all-reduce per step: the global loss for the log, and whether any rank was asked to stop
+            shared = p.all_reduce(torch.tensor([float(loss), float(signals.received is not None)],
+                                               dtype=torch.float64, device=p.device))
+            stop = bool(shared[1] > 0)
+            metrics.step(float(shared[0]) / world_size if finite else None, float(grad_norm), progress.images_seen,
+                         global_batch, progress.skipped)
+            if rank == 0 and cfg.sample_every_images and progress.images_seen % cfg.sample_every_images == 0:
+                store.put(f"{cfg.run}/samples/{progress.images_seen // global_batch:09d}.png", sample_grid(p))
+            if (progress.images_seen % cfg.checkpoint.every_images == 0 or stop
+                    or progress.images_seen >= cfg.total_images):
+                save_checkpoint(p, store, stream, progress, accelerator.wait_for_everyone)
+    if stop:
+        log.warning("stopped by %s at %d images seen; checkpoint written, exiting with %d to be requeued",
+                    signals.received or "another rank's signal", progress.images_seen, EXIT_REQUEUE)
+        return EXIT_REQUEUE
+    return 0
+
+
+def main(config_path: str, overrides: Sequence[str] = ()) -> int:
+    cfg = config.load(ExperimentConfig, config_path, overrides)
+    if cfg.data.dtype != "float":
+        raise ConfigError(f"data.dtype: the weighted loss trains on float data in [-1, 1], found {cfg.data.dtype!r}")
+    store = open_store(cfg.store)
+    store.check_reachable()  # before any process group or network exists: fail in seconds, not at a checkpoint
+    # On CPU, cpu=True is what makes accelerate read torchrun's environment; without it every rank believes it
+    # is alone and trains its own model. The world size is checked against the launcher's for that reason.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(f"the launcher started {launched} ranks but the process group has "
+                           f"{accelerator.num_processes}")
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format=f"[rank {accelerator.process_index}] %(message)s")
+    if accelerator.is_main_process:
+        store.put(f"{cfg.run}/config.yaml", config.dump(cfg).encode())
+    return train(cfg, store, accelerator)
