@@ -45,6 +45,8 @@ PRESETS: dict[str, NetworkConfig] = {
     "uvit_latent_l2_256": UViTLatentConfig(resolution=32, width=1024, depth=21, num_heads=16),
     "uvit_latent_h2_256": UViTLatentConfig(resolution=32, width=1152, depth=29, num_heads=16),
     "uvit_latent_h2_512": UViTLatentConfig(resolution=64, width=1152, depth=29, num_heads=16),
+    # Bao et al.'s own 512 model: 4x4 patches on 64x64 latents, the same token count as H/2 at 256.
+    "uvit_latent_h4_512": UViTLatentConfig(resolution=64, patch_size=4, width=1152, depth=29, num_heads=16),
     # VDM cifar10 config (SPEC 3.4) and DiffEnc's CIFAR encoder y_phi (SPEC 5.1).
     "vdm_cifar10": ScoreUNetConfig(),
     "diffenc_encoder_cifar10": DiffEncEncoderConfig(),

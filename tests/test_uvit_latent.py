@@ -15,6 +15,7 @@ PUBLISHED = {
     "uvit_latent_l2_256": (21, 1024, 287e6),
     "uvit_latent_h2_256": (29, 1152, 501e6),
     "uvit_latent_h2_512": (29, 1152, 501e6),
+    "uvit_latent_h4_512": (29, 1152, 501e6),
 }
 
 
@@ -46,15 +47,16 @@ def test_analytic_flops_match_flop_counter_on_real_tensors():
     assert abs(flops_per_forward(c, batch=3) - expected) <= 0.05 * expected
 
 
-def test_analytic_flops_match_flop_counter_on_meta_for_h2():
+@pytest.mark.parametrize("name, latent", [("uvit_latent_h2_256", 32), ("uvit_latent_h4_512", 64)])
+def test_analytic_flops_match_flop_counter_on_meta_for_h(name, latent):
     with torch.device("meta"):
-        net = build_network("uvit_latent_h2_256")
+        net = build_network(name)
         counter = FlopCounterMode(display=False)
         with counter:
-            net(torch.empty(2, 4, 32, 32), torch.empty(2), torch.zeros(2, dtype=torch.long))
+            net(torch.empty(2, 4, latent, latent), torch.empty(2), torch.zeros(2, dtype=torch.long))
     expected = counter.get_total_flops()
     assert abs(flops_per_forward(net.config, batch=2) - expected) <= 0.05 * expected
-    # Bao et al. report 133 GMACs for U-ViT-H/2 at 256; the counter counts 2 FLOPs per multiply-add.
+    # Bao et al. report 133 GMACs for U-ViT-H/2 at 256 and H/4 at 512; the counter counts 2 FLOPs per multiply-add.
     assert abs(expected / 2 / 2 - 133e9) / 133e9 < 0.02
 
 
