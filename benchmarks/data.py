@@ -3,7 +3,8 @@
 Prints JSON. Source images are synthetic photographs (smooth structure plus grain, so JPEG sizes are like
 ImageNet's), written by `elbodiff shards` at 64 and 256; the ImageFolder-style set holds the very same JPEG bytes as
 one file per image, read with PIL through a torch DataLoader. Both sides run in the main process (num_workers=0,
-one torch thread), timed in CPU seconds of the process: images/s per core. The decode ceiling is the chosen decoder alone on the same bytes in memory.
+one torch thread), timed in CPU seconds of the process: images/s per core. The decode ceiling is the chosen
+decoder alone on the same bytes in memory.
 
     .venv/bin/python benchmarks/data.py [--images 1000]
 """

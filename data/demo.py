@@ -60,7 +60,7 @@ def make_demo_shard(payload: tuple, tar_path: str) -> dict:
     return {"count": len(ids), "class_counts": dict(class_counts), "skipped": {}, "converted": {}}
 
 
-def write(out: str, *, num_images: int = 5000, samples_per_shard: int = 500, seed: int = 0, processes: int = 1,
+def write(out: str, *, num_images: int = 5000, samples_per_shard: int = 500, seed: int = 0,
           overwrite: bool = False) -> dict:
     order = np.random.default_rng(seed).permutation(num_images)
     keyed = [(key, int(i)) for key, i in enumerate(order)]
@@ -68,6 +68,5 @@ def write(out: str, *, num_images: int = 5000, samples_per_shard: int = 500, see
             for s in range(0, num_images, samples_per_shard)]
     settings = {"kind": "images", "resolution": 32, "format": "png", "samples_per_shard": samples_per_shard,
                 "seed": seed, "source": "demo", "source_files": num_images}
-    extra = {"kind": "images", "resolution": 32, "format": "png", "classes": CLASSES}
-    return writer.write_shards(out, settings, jobs, make_demo_shard, processes=processes, overwrite=overwrite,
-                               extra=extra)
+    return writer.write_shards(out, settings, jobs, make_demo_shard, processes=1, overwrite=overwrite,
+                               classes=CLASSES)

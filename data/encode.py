@@ -86,10 +86,10 @@ def write(shards: str, out: str, *, vae: str, scale: float, shift: float = 0.0, 
         raise FileNotFoundError(f"no autoencoder folder at {vae}")
     processes = processes or max(1, torch.cuda.device_count())
     jobs = [(s["name"], url) for s, url in zip(index["shards"], urls)]
-    settings = {"kind": "latents", "source": shards, "source_shards": [s["sha256"] for s in index["shards"]],
-                "vae": os.path.abspath(vae), "scale": scale, "shift": shift}
-    extra = {"kind": "latents", "resolution": index["resolution"], "format": "npy", "classes": index["classes"],
-             "vae": os.path.abspath(vae), "scale": scale, "shift": shift}
+    settings = {"kind": "latents", "resolution": index["resolution"], "format": "npy", "source": shards,
+                "source_shards": [s["sha256"] for s in index["shards"]], "vae": os.path.abspath(vae),
+                "scale": scale, "shift": shift}
     counter = mp.get_context("spawn").Value("i", 0)
     return writer.write_shards(out, settings, jobs, make_latent_shard, processes=processes, overwrite=overwrite,
-                               extra=extra, initializer=_load, initargs=(vae, scale, shift, processes, counter))
+                               classes=index["classes"], initializer=_load,
+                               initargs=(vae, scale, shift, processes, counter))

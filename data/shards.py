@@ -69,10 +69,9 @@ def write(src: str, out: str, *, resolution: int, fmt: str = "jpg", samples_per_
             for i in range(0, len(files), samples_per_shard)]
     settings = {"kind": "images", "resolution": resolution, "format": fmt, "samples_per_shard": samples_per_shard,
                 "seed": seed, "source": root, "source_files": len(files)}
-    extra = {"kind": "images", "resolution": resolution, "format": fmt, "classes": source.classes,
-             "skipped": {"no_label": source.unlabelled} if source.unlabelled else {}}
+    unlabelled = {"no_label": source.unlabelled} if source.unlabelled else {}
     return writer.write_shards(out, settings, jobs, make_image_shard, processes=processes, overwrite=overwrite,
-                               extra=extra)
+                               classes=source.classes, skipped=unlabelled)
 
 
 def report(index: dict) -> str:

@@ -111,7 +111,7 @@ class Stream:
     def __init__(self, config: StreamConfig, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), found {rank}")
-        self.config, self.rank, self.world_size = config, rank, world_size
+        self.config, self.rank = config, rank
         index, self.urls = open_shards(config)
         self.kind = index["kind"]
         self.plan = Plan(self._layout(config.seed, world_size, config.num_workers, config.batch_size,

@@ -36,8 +36,7 @@ def load_index(url: str) -> dict:
 
 def _check_settings(out: str, old: dict, settings: dict, overwrite: bool) -> bool:
     """True when the existing output can be continued; raises when it differs and overwrite is off."""
-    differ = {k: (old.get("settings", {}).get(k), v) for k, v in settings.items()
-              if old.get("settings", {}).get(k) != v}
+    differ = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
     if not differ:
         return True
     if overwrite:
@@ -76,14 +75,15 @@ def write_shards(
     *,
     processes: int,
     overwrite: bool,
-    extra: dict,
+    classes: list[str],
+    skipped: dict | None = None,
     initializer: Callable | None = None,
     initargs: tuple = (),
 ) -> dict:
     """Write shard `name` for each (name, payload) in `jobs` under `out`, skipping finished ones; return the index.
 
-    `extra` is stored in the index as is (classes, resolution, format, ...); `extra["skipped"]` adds to the
-    per-shard skip counts (files refused before any shard was made, e.g. without a label).
+    `settings` (kind, resolution, format, seed, source, ...) head the index and must match for a rerun to keep
+    shards; `skipped` adds to the per-shard skip counts (files refused before any shard, e.g. without a label).
     """
     storage.make_dirs(out)
     index_url = storage.join(out, INDEX_NAME)
@@ -97,17 +97,15 @@ def write_shards(
             storage.delete(index_url)  # no reader may take the old shards for the new ones while they are replaced
 
     names = [name for name, _ in jobs]
-    pre_skipped = dict(extra.get("skipped", {}))
-
     def publish(complete: bool) -> dict:
         records = [done[n] for n in names if n in done]
         index = {
-            **extra,
-            "settings": settings,
+            **settings,
+            "classes": classes,
             "complete": complete,
             "num_samples": sum(r["count"] for r in records),
             "class_counts": _sum(records, "class_counts"),
-            "skipped": _sum(records + [{"skipped": pre_skipped}], "skipped"),
+            "skipped": _sum(records + [{"skipped": skipped or {}}], "skipped"),
             "converted": _sum(records, "converted"),
             "shards": records,
         }

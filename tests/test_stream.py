@@ -22,8 +22,8 @@ def uneven_shards(out, counts, seed=0):
     for s, n in enumerate(counts):
         jobs.append((f"shard-{s:06d}.tar", (seed, [(key + j, key + j) for j in range(n)])))
         key += n
-    writer.write_shards(str(out), {"kind": "images"}, jobs, demo.make_demo_shard, processes=1, overwrite=False,
-                        extra={"kind": "images", "resolution": 32, "format": "png", "classes": demo.CLASSES})
+    writer.write_shards(str(out), {"kind": "images", "resolution": 32, "format": "png"}, jobs, demo.make_demo_shard,
+                        processes=1, overwrite=False, classes=demo.CLASSES)
     return str(out)
 
 
@@ -283,3 +283,16 @@ def test_tar_samples_match_webdataset_grouping_for_long_names_and_folders(tmp_pa
     assert ours == theirs and len(ours) == 3
     with pytest.raises(tar_reader.TruncatedTar):
         list(tar_reader.samples(io.BytesIO(path.read_bytes()[:1500])))
+
+
+def test_stream_config_loads_strictly_from_yaml(tmp_path):
+    from trainer.config import ConfigError, load
+
+    path = tmp_path / "data.yaml"
+    path.write_text("index: s3://bucket/in64\nbatch_size: 128\ndtype: uint8\n")
+    config = load(StreamConfig, path, ["seed=3"])
+    assert (config.index, config.batch_size, config.dtype, config.seed) == ("s3://bucket/in64", 128, "uint8", 3)
+    with pytest.raises(ConfigError, match="allowed values: 'uint8', 'float'"):
+        load(StreamConfig, path, ["dtype=half"])
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load(StreamConfig, path, ["batch=3"])
