@@ -15,6 +15,7 @@ from models.unet_vdm import (
     flops_per_forward,
     fourier_features,
 )
+from overfit import fit, output_moves_with_logsnr
 
 
 def perturbed(net: torch.nn.Module) -> torch.nn.Module:
@@ -166,8 +167,6 @@ def test_tiny_score_unet_fits_sixteen_images():
     set by 3x, although the base measure already gives eps_hat = z at initialisation. Catches a network that
     ignores its input beyond the base measure, dead gradients and zero-initialised layers that never open; the
     final check catches a network that ignores the gamma embedding."""
-    from tests.overfit import fit, output_moves_with_logsnr
-
     torch.manual_seed(0)
     net = build_network("vdm_tiny")
     before, after, x = fit(net, 0)

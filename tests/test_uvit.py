@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.layers import LayerNorm, TransformerBlock, num_params
 from models.presets import build_network, preset_config
 from models.uvit import UViT, flops_per_forward
-from tests.overfit import fit, output_moves_with_logsnr
+from overfit import fit, output_moves_with_logsnr
 
 
 def perturbed(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

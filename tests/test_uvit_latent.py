@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.layers import num_params
 from models.presets import build_network, preset_config
 from models.uvit_latent import UViTLatentConfig, flops_per_forward
-from tests.overfit import fit, output_moves_with_logsnr
+from overfit import fit, output_moves_with_logsnr
 
 # Bao et al., "All are Worth Words", Table of U-ViT configurations (parameters in millions).
 PUBLISHED = {
