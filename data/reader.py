@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
 from data import images, storage, tar, writer
 
 

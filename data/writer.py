@@ -97,6 +97,7 @@ def write_shards(
             storage.delete(index_url)  # no reader may take the old shards for the new ones while they are replaced
 
     names = [name for name, _ in jobs]
+
     def publish(complete: bool) -> dict:
         records = [done[n] for n in names if n in done]
         index = {
@@ -114,7 +115,7 @@ def write_shards(
 
     todo = [(make_shard, name, storage.join(out, name), payload) for name, payload in jobs if name not in done]
     if processes <= 1 or len(todo) <= 1:
-        if initializer is not None:
+        if initializer is not None and todo:
             initializer(*initargs)
         for record in map(_run, todo):
             done[record["name"]] = record
