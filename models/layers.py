@@ -39,7 +39,8 @@ class ClassLabels(nn.Module):
         if cond.shape != (batch,) or cond.dtype != torch.long:
             raise ValueError(f"cond: expected a LongTensor of shape ({batch},), found {cond.dtype} {tuple(cond.shape)}")
         # The range check reads the values back (a device sync): skipped while tracing and on shape-only meta tensors.
-        if not torch.compiler.is_compiling() and cond.device.type != "meta" and cond.numel() and (cond.min() < 0 or cond.max() > self.num_classes):
+        checkable = not torch.compiler.is_compiling() and cond.device.type != "meta" and cond.numel() > 0
+        if checkable and (cond.min() < 0 or cond.max() > self.num_classes):
             raise ValueError(
                 f"cond: class ids must be in [0, {self.num_classes}] ({self.num_classes} = null class), "
                 f"found values in [{int(cond.min())}, {int(cond.max())}]"
@@ -101,7 +102,9 @@ class Attention(nn.Module):
 
 class Mlp(nn.Sequential):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        super().__init__(
+            nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
 
 
 class TransformerBlock(nn.Module):

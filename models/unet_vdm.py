@@ -31,7 +31,7 @@ from models.layers import (
 
 
 class GammaEmbedding(nn.Module):
-    """Sinusoidal(1000 t_in) -> Dense(4n) swish -> Dense(4n) swish, t_in = (gamma - gamma_min) / (gamma_max - gamma_min).
+    """Sinusoidal(1000 t_in) -> Dense(4n) swish -> Dense(4n) swish, t_in = (gamma - g_min) / (g_max - g_min).
 
     gamma = -logsnr; the fixed config bounds are used even when the schedule is learned (SPEC 3.4).
     """

@@ -4,11 +4,14 @@ Layout: optional patching (downsample early), stages of ResNet blocks (or transf
 UViT-small) each followed by a 2x2 average pool down to 16x16, a transformer stack at the lowest resolution, and a
 mirrored up path. `skip="block"` concatenates every down block's output into the matching up block (the U-Net of
 simple diffusion; transformer stages project the concatenation back with a linear layer, as Bao et al. do);
-`skip="stage"` adds one residual skip per stage instead (SiD2, SPEC 7.1), which keeps far fewer activations alive. Dropout is used only at
-resolutions up to `dropout_resolution` ("dropout, but not on the highest resolution feature maps").
+`skip="stage"` adds one residual skip per stage instead (SiD2, SPEC 7.1), which keeps far fewer activations
+alive. Dropout is used only at resolutions up to `dropout_resolution` ("dropout, but not on the highest resolution
+feature maps"). The transformer tokens carry no position embedding: the convolutions before them, with their
+zero padding, already tell positions apart.
 
 Conditioning: a sinusoidal embedding of logsnr through an MLP, plus a learned class embedding with a null class;
-ResNet blocks take it as a scale and shift, transformer blocks as adaptive LayerNorm with gates.
+ResNet blocks take it as a scale and shift, transformer blocks as adaptive LayerNorm with gates. The embedding
+width (1280) is not published; it is the one width that gives both published UViT sizes (README, "Networks").
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from models.prediction import PREDICTIONS
-from models.presets import PRESETS, build_network, preset_config
+from models.presets import PRESETS, build_network
 from models.samplers import guided
 from models.unet_vdm import DiffEncEncoder
 from models.uvit import UViTConfig

@@ -7,14 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.presets import build_network, preset_config
-from models.unet_vdm import (
-    DiffEncEncoder,
-    GammaEmbedding,
-    ScoreUNet,
-    encoder_flops_per_forward,
-    flops_per_forward,
-    fourier_features,
-)
+from models.unet_vdm import GammaEmbedding, encoder_flops_per_forward, flops_per_forward, fourier_features
 from overfit import fit, output_moves_with_logsnr
 
 

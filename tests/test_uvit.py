@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.layers import LayerNorm, TransformerBlock, num_params
 from models.presets import build_network, preset_config
-from models.uvit import UViT, flops_per_forward
+from models.uvit import flops_per_forward
 from overfit import fit, output_moves_with_logsnr
 
 
