@@ -220,7 +220,7 @@ def test_reader_replaces_and_counts_bad_samples_by_reason(tmp_path):
     assert dict(stream.bad) == {"decode_error": 1, "no_label": 1, "no_image": 1, "truncated_shard": 12}
     assert batch["x"].shape[0] == 43 and len(set(batch["index"].tolist())) == 43 - 15
     assert stream.state_dict()["bad"] == dict(stream.bad)
-    validation = ValidationStream(StreamConfig(index=index, batch_size=10, num_workers=0))
+    validation = ValidationStream(StreamConfig(index=index, batch_size=15, num_workers=0))
     kept = [int(i) for b in validation for i in b["index"][b["mask"]]]
     assert len(kept) == len(set(kept)) == 43 - 15 and validation.bad == dict(stream.bad)
 
