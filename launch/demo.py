@@ -30,6 +30,7 @@ from trainer.store import open_store
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESET = CONFIGS / "objectives" / "vdm_cifar10.yaml"
 RUN_CONFIG = CONFIGS / "demo.yaml"
+RANKS = 2  # one per core of a small machine
 
 
 def main(out: str) -> int:
@@ -43,13 +44,13 @@ def main(out: str) -> int:
     return code
 
 
-def train(out: str, ranks: int = 2) -> int:
+def train(out: str) -> int:
     """Write the demo shards, train configs/demo.yaml on them from scratch, and print what the store holds."""
     data, runs = Path(out) / "data", Path(out) / "runs"
-    index = demo_data.write(str(data))
+    index = demo_data.write(str(data), overwrite=True)  # the demo owns this folder; same settings keep the shards
     print(f"demo shards: {sum(s['count'] for s in index['shards'])} images in {data.resolve()}")
     shutil.rmtree(runs / "demo", ignore_errors=True)  # a fresh run each time; resuming a finished one trains nothing
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
                "-m", "launch.cli", "train", str(RUN_CONFIG), f"store={runs.resolve()}", f"data.index={data.resolve()}"]
     print("training:", " ".join(command[2:]), flush=True)
     start = time.perf_counter()
@@ -65,10 +66,10 @@ def train(out: str, ranks: int = 2) -> int:
     print(f"  weighted loss (nats per image) over the first {records[0]['images_seen']} images: "
           f"{records[0]['loss']:.1f}; over the last interval: {records[-1]['loss']:.1f}; "
           f"skipped steps: {records[-1]['skipped_steps']}")
-    print(f"  checkpoints (complete, verified on resume): {', '.join(f'{s:09d}' for s in steps)} in "
+    print(f"  complete checkpoints (the newest {len(steps)} are kept): {', '.join(f'{s:09d}' for s in steps)} in "
           f"{(runs / 'demo' / 'checkpoints').resolve()}")
-    grids = sorted(key for key in store.list("demo/samples/"))
-    print(f"  sample grids from the EMA weights: {', '.join(str(runs.resolve() / k) for k in grids)}")
+    grids = [str(runs.resolve() / key) for key in store.list("demo/samples/")]
+    print(f"  sample grids from the EMA weights: {', '.join(grids)}")
     return 0
 
 
