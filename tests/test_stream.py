@@ -299,3 +299,17 @@ def test_stream_config_loads_strictly_from_yaml(tmp_path):
         load(StreamConfig, path, ["dtype=half"])
     with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
         load(StreamConfig, path, ["batch=3"])
+
+
+def test_each_epoch_reads_the_shards_in_a_new_order_fixed_by_the_seed(tmp_path):
+    from data.plan import Layout
+
+    def orders(seed):
+        layout = Layout(tuple([3] * 12), seed=seed, world_size=2, workers=2, batch_size=4, block=5)
+        return [tuple(layout.shard_order(epoch)) for epoch in range(4)]
+
+    assert len(set(orders(0))) == 4 and orders(0) == orders(0) and orders(0) != orders(1)
+    index = uneven_shards(tmp_path, [10] * 6)
+    stream = Stream(StreamConfig(index=index, batch_size=10, num_workers=0, shuffle_buffer=10))
+    first, second = [[int(i) for b in batches for i in b["index"]] for batches in (take(stream, 6), take(stream, 6))]
+    assert sorted(first) == sorted(second) == list(range(60)) and first != second
