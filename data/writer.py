@@ -113,17 +113,17 @@ def write_shards(
         storage.put_bytes(json.dumps(index, indent=1).encode(), index_url)
         return index
 
-    todo = [(make_shard, name, storage.join(out, name), payload) for name, payload in jobs if name not in done]
-    if processes <= 1 or len(todo) <= 1:
-        if initializer is not None and todo:
+    remaining = [(make_shard, name, storage.join(out, name), payload) for name, payload in jobs if name not in done]
+    if processes <= 1 or len(remaining) <= 1:
+        if initializer is not None and remaining:
             initializer(*initargs)
-        for record in map(_run, todo):
+        for record in map(_run, remaining):
             done[record["name"]] = record
             publish(complete=False)
     else:
         # spawn: safe with CUDA and threads in the parent; each process imports only what its job needs.
         with mp.get_context("spawn").Pool(processes, initializer=initializer, initargs=initargs) as pool:
-            for record in pool.imap_unordered(_run, todo):
+            for record in pool.imap_unordered(_run, remaining):
                 done[record["name"]] = record
                 publish(complete=False)
     return publish(complete=True)
