@@ -92,6 +92,7 @@ def runs(data, tmp_path_factory):
     codes = [proc.wait(timeout=120) for proc in procs]
     for f in logs:
         f.close()
+    assert log_file.exists(), (tmp / "stopped-0.log").read_text()[-3000:]
     stopped_at = metrics(split)[-1]["images_seen"]
     s = open_store(str(split))
     manifests = [checkpoint.read_manifest(s, "demo", step) for step in checkpoint.complete_steps(s, "demo")]
@@ -103,11 +104,13 @@ def runs(data, tmp_path_factory):
 
 @pytest.mark.slow  # three 2-rank launches, shared by the tests below: about a minute
 def test_signal_on_one_rank_checkpoints_and_every_rank_exits_with_the_requeue_code(runs):
-    assert runs["codes"] == [train.EXIT_REQUEUE, train.EXIT_REQUEUE]
+    stopped_log = (runs["tmp"] / "stopped-1.log").read_text()
+    assert runs["codes"] == [train.EXIT_REQUEUE, train.EXIT_REQUEUE], stopped_log[-3000:]
     assert 0 < runs["stopped_at"] < STEPS * GLOBAL_BATCH, "the signal must arrive mid-run for the resume test"
     assert runs["stopped_at"] == runs["manifests"][-1]["images_seen"]
     assert all(m["world_size"] == 2 for m in runs["manifests"])  # two ranks really trained one model together
-    assert "stopped by SIGTERM" in (runs["tmp"] / "stopped-1.log").read_text()
+    assert "stopped by SIGTERM" in stopped_log
+    assert "stopped by another rank's signal" in (runs["tmp"] / "stopped-0.log").read_text()  # rank 0 agreed
 
 
 @pytest.mark.slow
