@@ -6,8 +6,7 @@ mirrored up path. `skip="block"` concatenates every down block's output into the
 simple diffusion; transformer stages project the concatenation back with a linear layer, as Bao et al. do);
 `skip="stage"` adds one residual skip per stage instead (SiD2, SPEC 7.1), which keeps far fewer activations
 alive. Dropout is used only at resolutions up to `dropout_resolution` ("dropout, but not on the highest resolution
-feature maps"). The transformer tokens carry no position embedding: the convolutions before them, with their
-zero padding, already tell positions apart.
+feature maps").
 
 Conditioning: a sinusoidal embedding of logsnr through an MLP, plus a learned class embedding with a null class;
 ResNet blocks take it as a scale and shift, transformer blocks as adaptive LayerNorm with gates. The embedding
@@ -90,6 +89,10 @@ class UViTConfig:
         return self.resolution // self.patch_size // 2 ** len(self.channels)
 
 
+def position_embedding(width: int, tokens: int) -> nn.Parameter:
+    return nn.Parameter(nn.init.trunc_normal_(torch.empty(1, tokens, width), std=0.02))
+
+
 class ImageTransformerBlock(nn.Module):
     """A transformer block applied to the pixels of a (B, C, H, W) map as tokens.
 
@@ -128,13 +131,19 @@ class UViT(nn.Module):
 
         self.conv_in = nn.Conv2d(c.in_channels * c.patch_size**2, c.channels[0], 3, padding=1)
         self.down = nn.ModuleList()
+        # Attention is blind to position, and far from the borders zero padding cannot tell pixels apart either:
+        # every attention level gets a learned position embedding where its tokens first appear.
+        self.stage_pos = nn.ParameterDict()
         prev = c.channels[0]
         for s, (ch, n) in enumerate(zip(c.channels, c.blocks)):
+            if c.stages[s] == "transformer":
+                self.stage_pos[str(s)] = position_embedding(prev, c.stage_resolutions[s] ** 2)
             self.down.append(nn.ModuleList(block(s, prev if k == 0 else ch, ch) for k in range(n)))
             prev = ch
         d = c.transformer_channels
         mid_dropout = c.dropout if c.transformer_resolution <= c.dropout_resolution else 0.0
         self.mid_in = nn.Linear(prev, d)
+        self.mid_pos = position_embedding(d, c.transformer_resolution**2)
         self.mid = nn.ModuleList(
             TransformerBlock(d, d // c.head_channels, c.mlp_ratio, mid_dropout, cond_dim=e)
             for _ in range(c.transformer_depth)
@@ -161,7 +170,9 @@ class UViT(nn.Module):
         ckpt = c.checkpointing and self.training
         h = self.conv_in(F.pixel_unshuffle(z, c.patch_size))
         skips: list[Tensor] = []
-        for stage in self.down:
+        for s, stage in enumerate(self.down):
+            if str(s) in self.stage_pos:
+                h = h + self.stage_pos[str(s)].transpose(1, 2).reshape(1, *h.shape[1:])
             for block in stage:
                 h = run_block(block, ckpt, h, emb)
                 if c.skip == "block":
@@ -170,7 +181,7 @@ class UViT(nn.Module):
                 skips.append(h)
             h = F.avg_pool2d(h, 2)
         b, ch, hh, ww = h.shape
-        tokens = self.mid_in(h.flatten(2).transpose(1, 2))
+        tokens = self.mid_in(h.flatten(2).transpose(1, 2)) + self.mid_pos
         for block in self.mid:
             tokens = run_block(block, ckpt, tokens, emb)
         h = self.mid_out(tokens).transpose(1, 2).reshape(b, ch, hh, ww)
