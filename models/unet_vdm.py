@@ -4,6 +4,9 @@ The score U-Net never resamples: n_layer ResNet blocks at full resolution, Res-A
 up blocks fed by skip concatenations. Its input is z plus Fourier features of z, so the network can resolve the
 fine bit-level structure that matters for likelihood; its output is added to z (the "base measure"), so at
 initialisation (zero output convolution) it predicts eps_hat = z.
+
+Careful with bf16: run it under autocast with z in fp32. The Fourier features resolve details of z (2^-7) that a
+bf16 z has already rounded away, so a bf16 input changes the output by tens of percent.
 """
 from __future__ import annotations
 

@@ -69,6 +69,24 @@ def test_guidance_one_is_conditional_zero_is_unconditional(name):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["uvit_tiny", "uvit_residual_tiny", "uvit_latent_tiny", "vdm_tiny"])
+def test_bf16_autocast_stays_within_3_percent_of_fp32(name):
+    torch.manual_seed(0)
+    net = build_network(name).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    c = net.config
+    z, logsnr = torch.randn(2, c.in_channels, c.resolution, c.resolution), torch.tensor([-8.0, 8.0])
+    cond = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        reference = net(z, logsnr, cond)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(z, logsnr, cond)
+    assert torch.isfinite(out).all()
+    assert (out.float() - reference).norm() / reference.norm() < 0.03
+
+
 def test_network_configs_load_strictly_from_yaml_mappings():
     config = from_dict(UViTConfig, {"resolution": 32, "channels": [64, 128], "skip": "stage", "prediction": "eps"})
     assert config.channels == (64, 128) and config.skip == "stage"
