@@ -162,9 +162,12 @@ def test_transformer_block_runs_in_bf16_close_to_fp32():
     assert ((out.float() - reference).norm() / reference.norm()) < 0.02
 
 
-def test_transformer_block_traces_without_graph_breaks():
+def test_transformer_blocks_trace_without_graph_breaks():
     block = TransformerBlock(64, 2, 4.0, cond_dim=32)
     explanation = torch._dynamo.explain(block)(torch.randn(2, 16, 64), torch.randn(2, 32))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    stage_block = build_network("uvit_tiny").up[0][0]  # a pixel-stage block: tokens from a feature map and back
+    explanation = torch._dynamo.explain(stage_block)(torch.randn(2, 128, 8, 8), torch.randn(2, 64))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
