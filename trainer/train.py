@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import logging
 import math
 import os
 import signal
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -42,6 +40,7 @@ from trainer import checkpoint, config
 from trainer.config import ConfigError
 from trainer.ema import EMA, gather_full
 from trainer.experiment import ExperimentConfig, OptimizerConfig
+from trainer.metrics import MetricsLog
 from trainer.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -148,37 +147,6 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
-
-
-class MetricsLog:
-    """`<run>/logs/metrics.jsonl`: one record per log interval, means over that interval's finite steps.
-
-    Every rank keeps the window; rank 0 writes. The store writes whole objects atomically, so the file is rewritten
-    at each interval (thousands of steps apart in a real run); on resume, records past the checkpoint are dropped,
-    because the resumed run logs those images again."""
-
-    def __init__(self, store: Store, cfg: ExperimentConfig, images_seen: int, writer: bool):
-        self.store, self.cfg, self.writer, self.key = store, cfg, writer, f"{cfg.run}/logs/metrics.jsonl"
-        old = store.get(self.key).decode().splitlines() if writer and store.exists(self.key) else []
-        self.lines = [line for line in old if json.loads(line)["images_seen"] <= images_seen]
-        self.window: list[tuple[float, float]] = []
-        self.started = time.perf_counter()
-
-    def step(self, loss: float | None, grad_norm: float, images_seen: int, global_batch: int, skipped: int) -> None:
-        if loss is not None:
-            self.window.append((loss, grad_norm))
-        if images_seen % self.cfg.log_every_images:
-            return
-        now = time.perf_counter()
-        mean = [sum(w[i] for w in self.window) / len(self.window) if self.window else None for i in (0, 1)]
-        record = {"images_seen": images_seen, "step": images_seen // global_batch, "loss": mean[0],
-                  "grad_norm": mean[1], "lr": learning_rate(self.cfg.optimizer, images_seen),
-                  "images_per_s": self.cfg.log_every_images / (now - self.started), "skipped_steps": skipped}
-        self.window, self.started = [], now
-        if self.writer:
-            self.lines.append(json.dumps(record))
-            self.store.put(self.key, ("\n".join(self.lines) + "\n").encode())
-            log.info("%s", self.lines[-1])
 
 
 def sample_grid(p: Parts) -> bytes:
@@ -289,8 +257,9 @@ def train(cfg: ExperimentConfig, store: Store, accelerator: Accelerator) -> int:
             shared = p.all_reduce(torch.tensor([float(loss), float(signals.received is not None)],
                                                dtype=torch.float64, device=p.device))
             stop = bool(shared[1] > 0)
-            metrics.step(float(shared[0]) / world_size if finite else None, float(grad_norm), progress.images_seen,
-                         global_batch, progress.skipped)
+            metrics.step(float(shared[0]) / world_size if finite else None, float(grad_norm),
+                         learning_rate(cfg.optimizer, progress.images_seen), progress.images_seen, global_batch,
+                         progress.skipped)
             if rank == 0 and cfg.sample_every_images and progress.images_seen % cfg.sample_every_images == 0:
                 store.put(f"{cfg.run}/samples/{progress.images_seen // global_batch:09d}.png", sample_grid(p))
             if (progress.images_seen % cfg.checkpoint.every_images == 0 or stop
