@@ -17,9 +17,9 @@ import time
 import torch
 from torch import nn
 
-from models import unet_vdm, uvit, uvit_latent
+from models import uvit, uvit_latent
 from models.layers import num_params, transformer_block_flops
-from models.presets import build_network
+from models.presets import build_network, flops_per_forward
 
 TINY = ("uvit_tiny", "uvit_residual_tiny", "uvit_latent_tiny", "vdm_tiny")
 
@@ -33,12 +33,6 @@ def baseline_shape(net: nn.Module) -> dict:
     if isinstance(c, uvit_latent.UViTLatentConfig):
         return {"width": c.width, "depth": c.depth, "tokens": c.num_tokens, "heads": c.num_heads}
     return {"width": c.n_embd, "depth": 2 * c.n_layer + 3, "tokens": c.resolution**2, "heads": 1}
-
-
-def flops(net: nn.Module, batch: int) -> int:
-    c = net.config
-    module = {uvit.UViTConfig: uvit, uvit_latent.UViTLatentConfig: uvit_latent, unet_vdm.ScoreUNetConfig: unet_vdm}
-    return module[type(c)].flops_per_forward(c, batch)
 
 
 def seconds_per_step(step, repeats: int) -> float:
@@ -83,9 +77,9 @@ def measure(name: str, batch: int, repeats: int) -> dict:
         "network_ms": round(1e3 * network_s, 2),
         "baseline_ms": round(1e3 * baseline_s, 2),
         "time_ratio": round(network_s / baseline_s, 2),
-        "forward_gflops": round(flops(net, batch) / 1e9, 3),
+        "forward_gflops": round(flops_per_forward(c, batch) / 1e9, 3),
         "baseline_forward_gflops": round(baseline_flops / 1e9, 3),
-        "flops_ratio": round(flops(net, batch) / baseline_flops, 2),
+        "flops_ratio": round(flops_per_forward(c, batch) / baseline_flops, 2),
     }
 
 

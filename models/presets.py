@@ -11,6 +11,7 @@ from typing import Callable
 
 from torch import nn
 
+from models import unet_vdm, uvit, uvit_latent
 from models.unet_vdm import DiffEncEncoder, DiffEncEncoderConfig, ScoreUNet, ScoreUNetConfig
 from models.uvit import UViT, UViTConfig
 from models.uvit_latent import UViTLatent, UViTLatentConfig
@@ -22,6 +23,13 @@ FAMILIES: dict[type, Callable[..., nn.Module]] = {
     UViTLatentConfig: UViTLatent,
     ScoreUNetConfig: ScoreUNet,
     DiffEncEncoderConfig: DiffEncEncoder,
+}
+
+FLOPS: dict[type, Callable[..., int]] = {
+    UViTConfig: uvit.flops_per_forward,
+    UViTLatentConfig: uvit_latent.flops_per_forward,
+    ScoreUNetConfig: unet_vdm.flops_per_forward,
+    DiffEncEncoderConfig: unet_vdm.encoder_flops_per_forward,
 }
 
 PRESETS: dict[str, NetworkConfig] = {
@@ -83,3 +91,8 @@ def build(config: NetworkConfig) -> nn.Module:
 
 def build_network(name: str, **overrides) -> nn.Module:
     return build(preset_config(name, **overrides))
+
+
+def flops_per_forward(config: NetworkConfig, batch: int = 1) -> int:
+    """Analytic forward FLOPs (2 per multiply-add) of any network family."""
+    return FLOPS[type(config)](config, batch)

@@ -2,13 +2,18 @@ import pytest
 import torch
 
 from models.prediction import PREDICTIONS
-from models.presets import PRESETS, build_network
+from models.presets import PRESETS, build_network, flops_per_forward
 from models.samplers import guided
 from models.unet_vdm import DiffEncEncoder
 from models.uvit import UViTConfig
 from trainer.config import ConfigError, from_dict, to_dict
 
 NETWORKS = [name for name, c in PRESETS.items() if not name.startswith("diffenc_encoder")]
+
+
+def test_flops_dispatch_covers_every_preset():
+    for name, config in PRESETS.items():
+        assert flops_per_forward(config, batch=2) == 2 * flops_per_forward(config, batch=1) > 0, name
 
 
 def test_unknown_preset_error_lists_every_preset():
