@@ -68,7 +68,7 @@ class SpatialAttention(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = zero_init(nn.Linear(channels, channels))
 
-    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)
         q, k, v = self.qkv(tokens)[:, None].chunk(3, dim=-1)
