@@ -1,4 +1,4 @@
-"""Kingma & Gao's adaptive noise schedule (App. F; SPEC 2.5): p(logsnr) proportional to an EMA of
+"""Kingma & Gao's adaptive noise schedule (App. F): p(logsnr) proportional to an EMA of
 w(logsnr) ||eps - eps_hat||^2 per logsnr bin, the variance-minimising choice for a piecewise-constant density.
 
 Sampling and the importance weight use the table as it was before this step's update, so the weight w / p

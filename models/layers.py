@@ -18,7 +18,7 @@ LOGSNR_EMBED_SCALE = 1000.0 / 30.0
 
 
 def sinusoidal_embedding(x: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """[sin(x f_k), cos(x f_k)] with f_k = max_period^(-k / (half - 1)), the fairseq recipe VDM uses (SPEC 3.4)."""
+    """[sin(x f_k), cos(x f_k)] with f_k = max_period^(-k / (half - 1)), the fairseq recipe VDM uses."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / (half - 1))
     args = x.float()[:, None] * freqs[None]
@@ -135,7 +135,7 @@ class TransformerBlock(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """GN-swish-conv, conditioning, GN-swish-dropout-conv(zero init), plus a (1x1) shortcut (SPEC 3.4).
+    """GN-swish-conv, conditioning, GN-swish-dropout-conv(zero init), plus a (1x1) shortcut.
 
     `film=False` is VDM's additive conditioning (a bias-free zero-initialised Dense added after the first conv);
     `film=True` is the scale-and-shift of the second norm used by the U-ViT's convolutional stages.

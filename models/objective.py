@@ -77,7 +77,7 @@ def eps_mse(net: Callable, x: Tensor, cond: Tensor | None, logsnr: Tensor, eps: 
 def weighted_loss(net: Callable, x: Tensor, cond: Tensor | None, *, schedule: LogSNRSampler,
                   weighting: weighting.Weighting, t: Tensor | None = None, eps: Tensor | None = None,
                   generator: torch.Generator | None = None) -> Tensor:
-    """Kingma & Gao: 1/2 w(logsnr) / p(logsnr) ||eps - eps_hat||^2 per example (SPEC 2.2), in nats.
+    """Kingma & Gao 2023: 1/2 w(logsnr) / p(logsnr) ||eps - eps_hat||^2 per example, in nats.
 
     Its expectation depends on the schedule only through the endpoints of its logsnr range."""
     check_finite("the data", x)
@@ -104,7 +104,7 @@ class VLBTerms:
 
 
 def encode_pixels(pixels: Tensor) -> Tensor:
-    """8-bit integers k to x = 2 (k + 1/2) / 256 - 1, the centres of 256 bins in [-1, 1] (SPEC 1.5)."""
+    """8-bit integers k to x = 2 (k + 1/2) / 256 - 1, the centres of 256 bins in [-1, 1] (VDM)."""
     if pixels.dtype != torch.uint8:
         raise ValueError(f"8-bit pixel data must be a torch.uint8 tensor with values 0..255, found {pixels.dtype}")
     return (2 * (pixels.double() + 0.5) / 256 - 1).float()
@@ -123,7 +123,7 @@ def _prior_kl(f: Tensor, logsnr_min: Tensor) -> Tensor:
 
 
 def _reconstruction(f: Tensor, pixels: Tensor | None, logsnr_max: Tensor, eps_0: Tensor) -> Tensor:
-    """-log p(x | z_0), with z_0 / alpha_0 = x + e^{-logsnr_max / 2} eps_0 drawn directly (SPEC 1.5)."""
+    """-log p(x | z_0), with z_0 / alpha_0 = x + e^{-logsnr_max / 2} eps_0 drawn directly (VDM)."""
     scale = torch.exp(-logsnr_max / 2)  # sigma_0 / alpha_0
     z0_rescaled = f + scale * eps_0
     if pixels is None:  # Gaussian decoder N(x; z_0 / alpha_0, sigma_0^2 / alpha_0^2) for continuous data
@@ -139,7 +139,7 @@ def _reconstruction(f: Tensor, pixels: Tensor | None, logsnr_max: Tensor, eps_0:
 def vlb(net: Callable, x: Tensor, cond: Tensor | None, *, schedule: schedules.Schedule, data: DataKind,
         steps: int = 0, t: Tensor | None = None, eps: Tensor | None = None, eps_0: Tensor | None = None,
         generator: torch.Generator | None = None, variance_minimising: bool = False) -> VLBTerms:
-    """VDM's variational bound, per example, in nats (SPEC 3.2).
+    """VDM's variational bound, per example, in nats (VDM eq. 11-17).
 
     data="pixels8": x is uint8 in 0..255 and the reconstruction uses the 256-way discrete decoder.
     data="continuous": x is a float tensor (e.g. VAE latents) with a Gaussian decoder.

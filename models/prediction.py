@@ -1,4 +1,4 @@
-"""What a network predicts (eps, v, x or F) and exact conversions between them (SPEC 1.2).
+"""What a network predicts (eps, v, x or F) and exact conversions between them (VDM App. A; Salimans & Ho 2022; Karras et al. 2022).
 
 Everything is variance preserving: z = alpha x + sigma eps with alpha^2 = sigmoid(logsnr),
 sigma^2 = sigmoid(-logsnr). All functions broadcast a per-example logsnr of shape (B,) over (B, ...).

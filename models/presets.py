@@ -33,17 +33,17 @@ FLOPS: dict[type, Callable[..., int]] = {
 }
 
 PRESETS: dict[str, NetworkConfig] = {
-    # simple diffusion / Multistep-CT App. A (SPEC 7.2): UViT-small at 64x64, ~394M; "large" doubles the widths.
+    # simple diffusion / Multistep-CT App. A: UViT-small at 64x64, ~394M; "large" doubles the widths.
     "uvit_small_64": UViTConfig(),
     "uvit_large_64": UViTConfig(channels=(512, 1024), transformer_channels=2048),
-    # 128 adds a stage of 3 ResNet blocks at 128 channels (SPEC 7.2); 256 and 512 downsample early by patching.
+    # 128 adds a stage of 3 ResNet blocks at 128 channels; 256 and 512 downsample early by patching.
     "uvit_128": UViTConfig(resolution=128, channels=(128, 256, 512), blocks=(3, 3, 3),
                            stages=("resnet", "resnet", "transformer")),
     "uvit_256": UViTConfig(resolution=256, patch_size=2, channels=(128, 256, 512), blocks=(3, 3, 3),
                            stages=("resnet", "resnet", "transformer")),
     "uvit_512": UViTConfig(resolution=512, patch_size=4, channels=(128, 256, 512), blocks=(3, 3, 3),
                            stages=("resnet", "resnet", "transformer")),
-    # SiD2 (SPEC 7.1): one residual skip per stage, 2x2 patches at 512, more compute at high resolution.
+    # SiD2: one residual skip per stage, 2x2 patches at 512, more compute at high resolution.
     "uvit_residual_512": UViTConfig(resolution=512, patch_size=2, channels=(128, 256, 256, 512),
                                     blocks=(2, 2, 3, 3), stages=("resnet", "resnet", "resnet", "transformer"),
                                     skip="stage"),
@@ -55,7 +55,7 @@ PRESETS: dict[str, NetworkConfig] = {
     "uvit_latent_h2_512": UViTLatentConfig(resolution=64, width=1152, depth=29, num_heads=16),
     # Bao et al.'s own 512 model: 4x4 patches on 64x64 latents, the same token count as H/2 at 256.
     "uvit_latent_h4_512": UViTLatentConfig(resolution=64, patch_size=4, width=1152, depth=29, num_heads=16),
-    # VDM cifar10 config (SPEC 3.4) and DiffEnc's CIFAR encoder y_phi (SPEC 5.1).
+    # VDM cifar10 config and DiffEnc's CIFAR encoder y_phi.
     "vdm_cifar10": ScoreUNetConfig(),
     "diffenc_encoder_cifar10": DiffEncEncoderConfig(),
     # Tiny networks of each family that train on a laptop CPU in seconds (tests, benchmarks, demo).

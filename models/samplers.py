@@ -57,7 +57,7 @@ def _walk(net: Callable, shape: tuple[int, ...], cond: Tensor | None, schedule: 
             alpha_t, sigma_t = alpha_sigma(logsnr_t)
             alpha_s, sigma_s = alpha_sigma(logsnr_s)
             if stochastic:
-                # p(z_s | z_t) = q(z_s | z_t, x = x_hat) (SPEC 1.1, 3.7), c = 1 - e^{logsnr_t - logsnr_s}
+                # p(z_s | z_t) = q(z_s | z_t, x = x_hat) (VDM App. A), c = 1 - e^{logsnr_t - logsnr_s}
                 c = -torch.expm1(logsnr_t - logsnr_s)
                 mean = (1 - c) * (alpha_s / alpha_t) * z + c * alpha_s * x_hat
                 noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
@@ -71,7 +71,7 @@ def _walk(net: Callable, shape: tuple[int, ...], cond: Tensor | None, schedule: 
 def ancestral(net: Callable, shape: tuple[int, ...], cond: Tensor | None, *, schedule: Schedule, steps: int,
               generator: torch.Generator | None = None, guidance: float = 1.0, null_class: int | None = None,
               dtype: torch.dtype = torch.float32, device=None) -> Tensor:
-    """VDM's ancestral sampler (SPEC 3.7), for any schedule and prediction type."""
+    """VDM's ancestral sampler (VDM, App. A), for any schedule and prediction type."""
     return _walk(net, shape, cond, schedule, steps, generator, guidance, null_class, True, dtype, device)
 
 

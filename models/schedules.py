@@ -1,4 +1,4 @@
-"""Noise schedules as samplers of logsnr (lambda) with a known density (SPEC 1.3, 2.2).
+"""Noise schedules as samplers of logsnr (lambda) with a known density (Kingma & Gao 2023).
 
 A schedule maps t in [0, 1] to logsnr(t), decreasing from logsnr_max (t = 0, almost clean) to logsnr_min
 (t = 1, almost pure noise). Under t ~ U(0, 1) it induces the density p(logsnr) = -dt/dlogsnr, and the
@@ -122,7 +122,7 @@ class TruncatedSchedule(Schedule):
 
 
 class Linear(TruncatedSchedule):
-    """VDM fixed linear gamma: logsnr(t) = logsnr_max - (logsnr_max - logsnr_min) t (SPEC 1.3.1)."""
+    """VDM fixed linear gamma: logsnr(t) = logsnr_max - (logsnr_max - logsnr_min) t."""
 
     def base(self, u):
         return -u
@@ -192,7 +192,7 @@ class InterpolatedCosine(Schedule):
 
 
 class EDM(TruncatedSchedule):
-    """EDM's training distribution: logsnr ~ N(mean, std^2), as logsnr(u) = mean - std * Phi^-1(u) (SPEC 1.3.7)."""
+    """EDM's training distribution: logsnr ~ N(mean, std^2), as logsnr(u) = mean - std * Phi^-1(u)."""
 
     def __init__(self, logsnr_min: float, logsnr_max: float, mean: float, std: float):
         self.mean, self.std = float(mean), float(std)
@@ -210,7 +210,7 @@ class EDM(TruncatedSchedule):
 
 
 class VP(TruncatedSchedule):
-    """VP-SDE with linear beta (Huang et al.; SPEC 1.3.8): alpha^2 = exp(-B(u)), B = u^2 (b1 - b0) / 2 + u b0,
+    """VP-SDE with linear beta (Song et al. 2021; Huang et al. 2021): alpha^2 = exp(-B(u)), B = u^2 (b1 - b0) / 2 + u b0,
     so logsnr = -log(expm1(B)) and dlogsnr/du = -beta(u) / (1 - exp(-B))."""
 
     def __init__(self, logsnr_min: float, logsnr_max: float, beta_min: float, beta_max: float):

@@ -1,4 +1,4 @@
-"""Drawing t in [0, 1] for a batch (SPEC 1.4)."""
+"""Drawing t in [0, 1] for a batch (VDM App. I.1)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -37,7 +37,7 @@ def draw(kind: str, n: int, generator: torch.Generator | None = None, rank: int 
 
 
 def snap(t: Tensor, steps: int) -> tuple[Tensor, Tensor]:
-    """Discrete time with T steps: t <- ceil(t T) / T and s = t - 1/T (VDM, SPEC 1.4)."""
+    """Discrete time with T steps: t <- ceil(t T) / T and s = t - 1/T (VDM)."""
     if steps <= 0:
         raise ValueError(f"discrete time needs a positive number of steps, found {steps}")
     t = torch.ceil(t * steps).clamp(min=1) / steps

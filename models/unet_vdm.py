@@ -1,4 +1,4 @@
-"""VDM score U-Net (Kingma et al. 2021; SPEC 3.4) and the DiffEnc encoder network y_phi (SPEC 5.1).
+"""VDM score U-Net (Kingma et al. 2021) and the DiffEnc encoder network y_phi.
 
 The score U-Net never resamples: n_layer ResNet blocks at full resolution, Res-Attn-Res in the middle, n_layer + 1
 up blocks fed by skip concatenations. Its input is z plus Fourier features of z, so the network can resolve the
@@ -36,7 +36,7 @@ from models.layers import (
 class GammaEmbedding(nn.Module):
     """Sinusoidal(1000 t_in) -> Dense(4n) swish -> Dense(4n) swish, t_in = (gamma - g_min) / (g_max - g_min).
 
-    gamma = -logsnr; the fixed config bounds are used even when the schedule is learned (SPEC 3.4).
+    gamma = -logsnr; the fixed config bounds are used even when the schedule is learned.
     """
 
     def __init__(self, n_embd: int, gamma_min: float, gamma_max: float):
@@ -172,7 +172,7 @@ class DiffEncEncoderConfig:
 class DiffEncEncoder(nn.Module):
     """y_phi(x, lambda) of DiffEnc: one U-Net shared across depths, zero-initialised output, then tanh.
 
-    The mean function x_phi = alpha^2 x + sigma^2 y_phi (SPEC 5.1) belongs to the objective; at initialisation
+    The mean function x_phi = alpha^2 x + sigma^2 y_phi belongs to the objective; at initialisation
     y_phi = 0, so x_phi starts as the non-trainable encoder alpha^2 x.
     """
 

@@ -1,10 +1,10 @@
-"""Pixel-space U-ViT of "simple diffusion" (Hoogeboom, Heek, Salimans 2023; SPEC 7.2) and SiD2's residual variant.
+"""Pixel-space U-ViT of "simple diffusion" (Hoogeboom, Heek, Salimans 2023) and SiD2's residual variant.
 
 Layout: optional patching (downsample early), stages of ResNet blocks (or transformer blocks at 32x32, as in
 UViT-small) each followed by a 2x2 average pool down to 16x16, a transformer stack at the lowest resolution, and a
 mirrored up path. `skip="block"` concatenates every down block's output into the matching up block (the U-Net of
 simple diffusion; transformer stages project the concatenation back with a linear layer, as Bao et al. do);
-`skip="stage"` adds one residual skip per stage instead (SiD2, SPEC 7.1), which keeps far fewer activations
+`skip="stage"` adds one residual skip per stage instead (SiD2), which keeps far fewer activations
 alive. Dropout is used only at resolutions up to `dropout_resolution` ("dropout, but not on the highest resolution
 feature maps").
 

@@ -1,7 +1,7 @@
-"""Weighting functions w(logsnr) of Kingma & Gao (SPEC 2.4), in the eps-MSE convention.
+"""Weighting functions w(logsnr) of Kingma & Gao 2023, in the eps-MSE convention.
 
 The weighted loss is 1/2 w(logsnr) / p(logsnr) ||eps - eps_hat||^2. A weighting that does not increase with
-logsnr makes the objective an ELBO of Gaussian-noise-augmented data (SPEC 2.3); others are a signed mix of
+logsnr makes the objective an ELBO of Gaussian-noise-augmented data (Kingma & Gao 2023); others are a signed mix of
 ELBOs, so a config that declares an ELBO-interpretable objective must use a monotone one.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ EDM_MEAN, EDM_STD, EDM_SIGMA_DATA = 2.4, 2.4, 0.5
 @dataclass
 class WeightingConfig:
     name: WeightingName = "sigmoid"
-    bias: float = 2.0  # sigmoid(bias - logsnr); SiD2-style runs use negative values (SPEC 2.4 notes)
+    bias: float = 2.0  # sigmoid(bias - logsnr); SiD2-style runs use negative values
     min_snr_gamma: float = 5.0
     resolution: int = 64  # shift the weighting to this image side: w_d(l) = w(l - 2 log(64 / d))
     base_resolution: int = 64

@@ -28,7 +28,7 @@ def test_conversions_round_trip_to_float64_precision(batch, kind):
 
 
 def test_targets_and_error_identities_match_spec(batch):
-    """SPEC 1.2: v = alpha eps - sigma x, ||x - x_hat||^2 = e^-l ||eps - eps_hat||^2,
+    """v = alpha eps - sigma x, ||x - x_hat||^2 = e^-l ||eps - eps_hat||^2,
     ||v - v_hat||^2 = (1 + e^-l) ||eps - eps_hat||^2, F target by EDM's preconditioning."""
     x, eps, logsnr = batch
     lam = logsnr[:, None, None, None]

@@ -46,7 +46,7 @@ def test_closed_forms_of_the_fixed_schedules():
     vp = build("vp", logsnr_min=-20.0, logsnr_max=20.0)
     lam = vp.logsnr(t)
     u = vp.u_lo + t * (vp.u_hi - vp.u_lo)
-    alpha2 = torch.exp(-(u * u * (20 - 0.1) / 2 + u * 0.1))  # SPEC 1.3.8
+    alpha2 = torch.exp(-(u * u * (20 - 0.1) / 2 + u * 0.1))  # Song et al. 2021, VP-SDE
     torch.testing.assert_close(lam, torch.log(alpha2 / (1 - alpha2)))
     edm = build("edm", logsnr_min=-30.0, logsnr_max=30.0)
     normal = torch.distributions.Normal(2.4, 2.4)

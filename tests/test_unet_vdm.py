@@ -115,7 +115,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_diffenc_encoder_starts_at_zero_and_stays_in_minus_one_one():
     encoder = build_network("diffenc_encoder_tiny")
     x = torch.randn(2, 3, 16, 16)
-    assert encoder(x, torch.zeros(2)).abs().max() == 0  # x_phi = alpha^2 x at initialisation (SPEC 5.1)
+    assert encoder(x, torch.zeros(2)).abs().max() == 0  # x_phi = alpha^2 x at initialisation
     with torch.no_grad():
         encoder.conv_out.weight.normal_(0, 5.0)
     pre = []

@@ -47,7 +47,7 @@ def test_resolution_shift_moves_the_weighting_to_lower_logsnr():
 
 
 def test_iddpm_and_v_weightings_are_the_cosine_schedules_density():
-    """SPEC 2.4: eps-MSE under the cosine schedule has w = sech(l/2) because p(l) = sech(l/2) / (2 pi); v-MSE
+    """Kingma & Gao 2023: eps-MSE under the cosine schedule has w = sech(l/2) because p(l) = sech(l/2) / (2 pi); v-MSE
     adds a factor (1 + e^-l), giving w proportional to e^-l/2. Checks weightings and schedule density together."""
     cosine = schedules.build(schedules.ScheduleConfig(name="cosine", logsnr_min=-30, logsnr_max=30)).double()
     l = torch.linspace(-10, 10, 101, dtype=torch.float64)
