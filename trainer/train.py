@@ -99,15 +99,18 @@ class Parts:
         return x
 
 
-def train_step(p: Parts, batch: dict, images_seen: int) -> tuple[Tensor, Tensor]:
+def train_step(p: Parts, batch: dict, images_seen: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One optimizer step on this rank's share of the global batch starting at `images_seen`.
 
-    Returns this rank's mean loss and the global gradient norm; a non-finite norm means the step was skipped
-    (the gradients are all-reduced, so every rank sees the same norm and skips together)."""
+    Returns this rank's mean loss, the global gradient norm, and each example's logsnr and loss (for the loss by
+    noise level in the log); a non-finite norm means the step was skipped (the gradients are all-reduced, so
+    every rank sees the same norm and skips together)."""
     cfg = p.cfg
     torch.manual_seed(seed_of(cfg.seed, images_seen, p.rank + 1))  # dropout and label dropout
     x, cond = batch["x"].to(p.device), batch["label"].to(p.device)
     t, eps = draw_noise(cfg, images_seen, p.rank, p.world_size, x.shape)
+    with torch.no_grad():
+        logsnr, density = p.sampler.sample(t.to(p.device))  # as drawn inside the loss
     try:
         losses = objective.weighted_loss(p.net, x, cond, schedule=p.sampler, weighting=p.weight,
                                          t=t.to(p.device), eps=eps.to(p.device))
@@ -116,20 +119,20 @@ def train_step(p: Parts, batch: dict, images_seen: int) -> tuple[Tensor, Tensor]
         # The other ranks are on their way to the gradient all-reduce: join it with NaN gradients, which it
         # spreads to every rank, so all of them skip this step together instead of waiting forever.
         loss = sum(q.sum() for q in p.module.parameters()) * math.nan
+        losses = torch.full_like(logsnr, math.nan)
     p.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(p.module.parameters(), cfg.optimizer.grad_clip)
     if not torch.isfinite(grad_norm):
-        return loss.detach(), grad_norm
+        return loss.detach(), grad_norm, logsnr, losses.detach()
     for group in p.optimizer.param_groups:
         group["lr"] = learning_rate(cfg.optimizer, images_seen + x.shape[0] * p.world_size)
     p.optimizer.step()
     p.ema.update(list(p.module.parameters()))
     if cfg.objective.importance == "adaptive":
-        logsnr, density = p.sampler.sample(t.to(p.device))
         # the loss is 1/2 w / p ||eps - eps_hat||^2; the sampler tracks w ||eps - eps_hat||^2 (Kingma & Gao App. F)
         p.sampler.update(logsnr, 2 * density * losses.detach(), all_reduce=p.all_reduce)
-    return loss.detach(), grad_norm
+    return loss.detach(), grad_norm, logsnr, losses.detach()
 
 
 class StopSignals:
@@ -245,19 +248,20 @@ def train(cfg: ExperimentConfig, store: Store, accelerator: Accelerator) -> int:
     progress = resume(p, store, stream)
     p.net = accelerator.prepare_model(p.module)  # DDP when world_size > 1, the module itself otherwise
     p.net.prediction = p.module.prediction  # the objective reads it from what it calls; DDP does not forward it
-    metrics = MetricsLog(store, cfg, progress.images_seen, writer=rank == 0)
     batches, stop = iter(stream), False
-    with StopSignals() as signals:
+    with StopSignals() as signals, MetricsLog(store, cfg, progress.images_seen, rank == 0, p.device) as metrics:
         while progress.images_seen < cfg.total_images and not stop:
-            loss, grad_norm = train_step(p, next(batches), progress.images_seen)
+            loss, grad_norm, logsnr, losses = train_step(p, next(batches), progress.images_seen)
             progress.images_seen += global_batch
             finite = bool(torch.isfinite(grad_norm))
             progress.count(finite, cfg.optimizer.max_nonfinite_steps)
-            # one small all-reduce per step: the global loss for the log, and whether any rank was asked to stop
-            shared = p.all_reduce(torch.tensor([float(loss), float(signals.received is not None)],
-                                               dtype=torch.float64, device=p.device))
+            # one small all-reduce per step: the global loss and loss by logsnr for the log, and whether any rank
+            # was asked to stop
+            shared = p.all_reduce(torch.cat([
+                torch.tensor([float(loss), float(signals.received is not None)], dtype=torch.float64, device=p.device),
+                metrics.logsnr_totals(logsnr, losses)]))
             stop = bool(shared[1] > 0)
-            metrics.step(float(shared[0]) / world_size if finite else None, float(grad_norm),
+            metrics.step(float(shared[0]) / world_size if finite else None, shared[2:], float(grad_norm),
                          learning_rate(cfg.optimizer, progress.images_seen), progress.images_seen, global_batch,
                          progress.skipped)
             if rank == 0 and cfg.sample_every_images and progress.images_seen % cfg.sample_every_images == 0:
