@@ -17,8 +17,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# DeepSpeed compiles its CPU communication op once (about 40 s) into the git-ignored .torch_extensions/.
 test: install
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest tests
+	OMP_NUM_THREADS=2 TORCH_EXTENSIONS_DIR=$(CURDIR)/.torch_extensions $(BIN)/python -m pytest tests
 
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow"

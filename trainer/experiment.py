@@ -19,6 +19,7 @@ from trainer import config
 from trainer.checkpoint import CheckpointConfig
 from trainer.config import ConfigError
 from trainer.ema import EMAConfig
+from trainer.parallel import ParallelConfig
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # ddp, fsdp or deepspeed, and their settings
     log_every_images: int = 2**14
     sample_every_images: int = 2**18  # a grid from the EMA weights, rank 0; 0: none (latent runs)
     sample_steps: int = 32  # DDIM steps of that grid: a progress picture, not an evaluation

@@ -4,8 +4,9 @@ The clock is images seen (EDM2). Every random draw of a step follows from (seed,
 checkpoint holds the network, optimizer, EMA, adaptive sampler, data-stream position and RNG states, so a run
 resumed from a checkpoint produces bitwise the same losses as one that was never interrupted (same world size).
 
-Backend: DDP. accelerate creates the process group (gloo on CPU, NCCL on GPUs) and wraps the network; the
-step itself is plain PyTorch. Rank 0 decides where to resume (`checkpoint.latest_complete`) and tells the others.
+Backends (`parallel.backend`): DDP, FSDP2 and DeepSpeed ZeRO, wrapped by trainer/parallel.py; accelerate creates the
+process group (gloo on CPU, NCCL on GPUs) and the step itself is plain PyTorch. Rank 0 decides where to resume
+(`checkpoint.latest_complete`) and tells the others.
 
 Stopping. SIGTERM (scancel, Kubernetes eviction, torchrun forwarding its own SIGTERM) and SIGUSR1
 (`sbatch --signal=USR1@120`) let the current step finish; the ranks agree on it in the per-step all-reduce,
@@ -18,7 +19,6 @@ Written to the store, under `<run>/`: `config.yaml` (the resolved config, at eve
 """
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import math
@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 from data.stream import Stream
 from models import objective, samplers, schedules, timesteps, weighting
-from trainer import checkpoint, config
+from trainer import checkpoint, config, parallel
 from trainer.config import ConfigError
-from trainer.ema import EMA, gather_full
+from trainer.ema import EMA
 from trainer.experiment import ExperimentConfig, OptimizerConfig
 from trainer.metrics import MetricsLog
 from trainer.store import Store, open_store
@@ -67,14 +67,6 @@ def draw_noise(cfg: ExperimentConfig, images_seen: int, rank: int, world_size: i
     return t, torch.randn(tuple(shape), generator=own)
 
 
-def build_optimizer(module: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    # Decay pulls weights towards zero; biases and norm gains (the 1-d tensors) set offsets and scales, not capacity.
-    decay = [p for p in module.parameters() if p.ndim > 1]
-    no_decay = [p for p in module.parameters() if p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-
-
 def learning_rate(cfg: OptimizerConfig, images_seen: int) -> float:
     """Linear warmup to cfg.lr over warmup_images, then constant; `images_seen` includes the current batch."""
     return cfg.lr * min(1.0, images_seen / cfg.warmup_images) if cfg.warmup_images else cfg.lr
@@ -83,15 +75,17 @@ def learning_rate(cfg: OptimizerConfig, images_seen: int) -> float:
 @dataclass
 class Parts:
     cfg: ExperimentConfig
-    module: nn.Module  # the network itself: EMA, checkpoints and sample grids read it
-    net: nn.Module  # what the step calls: the DDP wrapper of `module` when there are several ranks
-    optimizer: torch.optim.Optimizer
-    ema: EMA
+    backend: parallel.Backend  # the network, what the step calls (DDP, FSDP2, DeepSpeed) and its optimizer
+    ema: EMA  # of the backend's local parameter tensors
     sampler: objective.LogSNRSampler  # p(logsnr) of the loss: the schedule or the adaptive sampler
     weight: weighting.Weighting
     rank: int
     world_size: int
     device: torch.device
+
+    @property
+    def module(self) -> nn.Module:
+        return self.backend.module
 
     def all_reduce(self, x: Tensor) -> Tensor:
         if self.world_size > 1:
@@ -111,24 +105,31 @@ def train_step(p: Parts, batch: dict, images_seen: int) -> tuple[Tensor, Tensor,
     t, eps = draw_noise(cfg, images_seen, p.rank, p.world_size, x.shape)
     with torch.no_grad():
         logsnr, density = p.sampler.sample(t.to(p.device))  # as drawn inside the loss
+    outputs = []
+
+    def net(z: Tensor, logsnr: Tensor, c: Tensor) -> Tensor:
+        outputs.append(p.backend.net(z, logsnr, c))
+        return outputs[-1]
+
+    net.prediction = p.module.prediction  # the objective reads it from what it calls; wrappers do not forward it
     try:
-        losses = objective.weighted_loss(p.net, x, cond, schedule=p.sampler, weighting=p.weight,
+        losses = objective.weighted_loss(net, x, cond, schedule=p.sampler, weighting=p.weight,
                                          t=t.to(p.device), eps=eps.to(p.device))
         loss = losses.mean()
     except FloatingPointError:
-        # The other ranks are on their way to the gradient all-reduce: join it with NaN gradients, which it
-        # spreads to every rank, so all of them skip this step together instead of waiting forever.
-        loss = sum(q.sum() for q in p.module.parameters()) * math.nan
+        # The other ranks are on their way to the collectives of the backward (DDP's all-reduce, FSDP's
+        # reduce-scatters, ZeRO's partitioned gradients): join them with a backward through the same forward and
+        # NaN gradients, which those collectives spread to every rank, so all of them skip this step together.
+        if not outputs:  # the data itself was not finite: this rank has not run the forward yet
+            net(torch.zeros_like(x), torch.zeros(len(x), device=p.device), cond)
+        loss = outputs[-1].sum() * math.nan
         losses = torch.full_like(logsnr, math.nan)
-    p.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(p.module.parameters(), cfg.optimizer.grad_clip)
+    p.backend.backward(loss)
+    grad_norm = p.backend.step(learning_rate(cfg.optimizer, images_seen + x.shape[0] * p.world_size),
+                               cfg.optimizer.grad_clip)  # clipped to the global norm; skipped when not finite
     if not torch.isfinite(grad_norm):
         return loss.detach(), grad_norm, logsnr, losses.detach()
-    for group in p.optimizer.param_groups:
-        group["lr"] = learning_rate(cfg.optimizer, images_seen + x.shape[0] * p.world_size)
-    p.optimizer.step()
-    p.ema.update(list(p.module.parameters()))
+    p.ema.update(p.backend.local_params())
     if cfg.objective.importance == "adaptive":
         # the loss is 1/2 w / p ||eps - eps_hat||^2; the sampler tracks w ||eps - eps_hat||^2 (Kingma & Gao App. F)
         p.sampler.update(logsnr, 2 * density * losses.detach(), all_reduce=p.all_reduce)
@@ -152,16 +153,20 @@ class StopSignals:
         self.received = signal.Signals(signum).name
 
 
-def sample_grid(p: Parts) -> bytes:
-    """A PNG of DDIM samples from the first EMA's weights, one column per class, fixed noise across the run.
+def consolidated_ema(p: Parts) -> dict[str, dict[str, Tensor]]:
+    """The full EMA weights {average: {parameter name: tensor}}. Gathering shards (FSDP2, ZeRO-3) is a collective:
+    every rank calls it."""
+    return p.ema.consolidate([name for name, _ in p.module.named_parameters()], p.backend.gather())
+
+
+def sample_grid(p: Parts, weights: dict[str, Tensor]) -> bytes:
+    """A PNG of DDIM samples from EMA `weights`, one column per class, fixed noise across the run.
 
     Drawn on rank 0 alone while the other ranks wait in the next step's all-reduce. That is safe because it is
     small (2 x 10 images, `sample_steps` network calls), far inside the process group's timeout; real evaluation
     (FID, bits/dim) belongs to the evaluation service, never to the training ranks."""
-    net = copy.deepcopy(p.module).eval()
-    with torch.no_grad():
-        for param, avg in zip(net.parameters(), next(iter(p.ema.averages.values()))):
-            param.copy_(avg)
+    net = p.cfg.network.build().to(p.device).eval()  # a plain network: the trained one may be sharded
+    net.load_state_dict(weights)
     c = net.config
     columns = min(max(c.num_classes, 1), 10)  # an unconditional network (num_classes 0) takes the null class 0
     cond = torch.arange(SAMPLE_ROWS * columns, device=p.device) % columns
@@ -193,12 +198,8 @@ class Progress:
 
 def save_checkpoint(p: Parts, store: Store, stream: Stream, progress: Progress, barrier: Callable[[], None]) -> bool:
     cfg = p.cfg
-    params = list(p.module.parameters())
-    names = [name for name, _ in p.module.named_parameters()]
-    # every rank takes part: gathering sharded parameters is a collective (plain tensors under DDP)
-    ema = p.ema.consolidate(names, gather_full(params))
-    train_state = {"network": p.module.state_dict(), "optimizer": p.optimizer.state_dict(),
-                   "ema": p.ema.state_dict(), "progress": vars(progress).copy()}
+    ema = consolidated_ema(p)
+    train_state = {**p.backend.state_dict(), "ema": p.ema.state_dict(), "progress": vars(progress).copy()}
     if cfg.objective.importance == "adaptive":
         train_state["sampler"] = p.sampler.state_dict()
     step = progress.images_seen // (cfg.data.batch_size * p.world_size)
@@ -216,8 +217,7 @@ def resume(p: Parts, store: Store, stream: Stream) -> Progress:
     if step[0] is None:
         return Progress()
     state = checkpoint.load_rank(store, p.cfg.run, step[0], p.rank, p.world_size)
-    p.module.load_state_dict(state.train_state["network"])
-    p.optimizer.load_state_dict(state.train_state["optimizer"])
+    p.backend.load_state_dict(state.train_state)
     p.ema.load_state_dict(state.train_state["ema"])
     if p.cfg.objective.importance == "adaptive":
         p.sampler.load_state_dict(state.train_state["sampler"])
@@ -227,12 +227,15 @@ def resume(p: Parts, store: Store, stream: Stream) -> Progress:
     return Progress(**state.train_state["progress"])
 
 
-def build_parts(cfg: ExperimentConfig, rank: int, world_size: int, device: torch.device) -> Parts:
+def build_parts(cfg: ExperimentConfig, rank: int, world_size: int, device: torch.device,
+                accelerator: Accelerator | None = None) -> Parts:
+    """The network wrapped for cfg.parallel on accelerator's process group; None: one plain process."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    module = cfg.network.build().to(device)
+    backend = parallel.wrap(cfg.network.build().to(device), cfg.parallel, cfg.optimizer, cfg.data.batch_size,
+                            accelerator)
     sampler = objective.build_sampler(cfg.objective).to(device)
-    return Parts(cfg, module, module, build_optimizer(module, cfg.optimizer), EMA(cfg.ema, list(module.parameters())),
-                 sampler, weighting.build(cfg.objective.weighting), rank, world_size, device)
+    return Parts(cfg, backend, EMA(cfg.ema, backend.local_params()), sampler, weighting.build(cfg.objective.weighting),
+                 rank, world_size, device)
 
 
 def train(cfg: ExperimentConfig, store: Store, accelerator: Accelerator) -> int:
@@ -244,10 +247,8 @@ def train(cfg: ExperimentConfig, store: Store, accelerator: Accelerator) -> int:
     if cfg.sample_every_images and stream.kind != "images":
         raise ConfigError(f"{cfg.data.index} holds {stream.kind}: sample grids need images (the latent decoder "
                           "belongs to evaluation); set sample_every_images=0")
-    p = build_parts(cfg, rank, world_size, accelerator.device)
+    p = build_parts(cfg, rank, world_size, accelerator.device, accelerator)
     progress = resume(p, store, stream)
-    p.net = accelerator.prepare_model(p.module)  # DDP when world_size > 1, the module itself otherwise
-    p.net.prediction = p.module.prediction  # the objective reads it from what it calls; DDP does not forward it
     batches, stop = iter(stream), False
     with StopSignals() as signals, MetricsLog(store, cfg, progress.images_seen, rank == 0, p.device) as metrics:
         while progress.images_seen < cfg.total_images and not stop:
@@ -264,8 +265,11 @@ def train(cfg: ExperimentConfig, store: Store, accelerator: Accelerator) -> int:
             metrics.step(float(shared[0]) / world_size if finite else None, shared[2:], float(grad_norm),
                          learning_rate(cfg.optimizer, progress.images_seen), progress.images_seen, global_batch,
                          progress.skipped)
-            if rank == 0 and cfg.sample_every_images and progress.images_seen % cfg.sample_every_images == 0:
-                store.put(f"{cfg.run}/samples/{progress.images_seen // global_batch:09d}.png", sample_grid(p))
+            if cfg.sample_every_images and progress.images_seen % cfg.sample_every_images == 0:
+                weights = next(iter(consolidated_ema(p).values()))  # on every rank: gathering is a collective
+                if rank == 0:
+                    store.put(f"{cfg.run}/samples/{progress.images_seen // global_batch:09d}.png",
+                              sample_grid(p, weights))
             if (progress.images_seen % cfg.checkpoint.every_images == 0 or stop
                     or progress.images_seen >= cfg.total_images):
                 save_checkpoint(p, store, stream, progress, accelerator.wait_for_everyone)

@@ -1,0 +1,29 @@
+"""One rank of several training runs in one process group (started by tests/test_backends.py under torchrun).
+
+argv: the config, then a JSON list of runs {"overrides": [...], "nan_at": images seen or null}; each is trained to
+the end with `trainer.train.main`, the path of `elbodiff train`, one after the other: one launch instead of one
+per backend setting. `nan_at` makes rank 1 alone draw NaN noise for the batch starting there, so its network output
+is not finite while rank 0's is."""
+import json
+import math
+import sys
+
+from trainer import train
+
+DRAW_NOISE = train.draw_noise
+
+
+def noise_with_nan_on_rank_1(nan_at):
+    def draw_noise(cfg, images_seen, rank, world_size, shape):
+        t, eps = DRAW_NOISE(cfg, images_seen, rank, world_size, shape)
+        return t, eps * math.nan if rank == 1 and images_seen == nan_at else eps
+    return draw_noise
+
+
+if __name__ == "__main__":
+    config_path, runs = sys.argv[1], json.loads(sys.argv[2])
+    for run in runs:
+        train.draw_noise = noise_with_nan_on_rank_1(run["nan_at"])
+        code = train.main(config_path, run["overrides"])
+        if code:
+            sys.exit(code)

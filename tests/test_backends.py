@@ -1,0 +1,249 @@
+"""The FSDP2 and DeepSpeed ZeRO backends, with 2-rank launches on CPU (gloo): parameters against one process on the
+global batch, the consolidated EMA files, and resume after a stop.
+
+Five launches in all: one trains every backend setting to the end, one after the other (tests/backends_worker.py);
+then, for FSDP2 and for ZeRO-3, a run stopped by SIGTERM and its resumption.
+"""
+import io
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data import demo
+from data.stream import Stream
+from trainer import checkpoint, config, train
+from trainer.experiment import ExperimentConfig
+from trainer.store import open_store
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+# DeepSpeed compiles its shared-memory communication op on first use (about 40 s); the cache lives in the workspace
+EXTENSIONS = str(ROOT / ".torch_extensions")
+# A network small enough that a step takes milliseconds; dropout off so that one process on the global batch must
+# match two ranks; the adaptive sampler, whose statistics are all-reduced and resumed. Its class embedding has 11
+# rows and its position embeddings one, so FSDP2 shards some parameters unevenly and leaves rank 1 empty-handed on
+# others.
+TINY = ["objective.importance=adaptive", "data.batch_size=4", "data.shuffle_buffer=16",
+        "network.overrides.channels=[16,32]", "network.overrides.transformer_channels=32",
+        "network.overrides.transformer_depth=1", "network.overrides.head_channels=16",
+        "network.overrides.emb_channels=32", "network.overrides.norm_groups=4", "network.overrides.label_dropout=0.0",
+        "log_every_images=8", "sample_steps=4", "checkpoint.every_images=32", "optimizer.warmup_images=16"]
+STEPS, GLOBAL_BATCH = 12, 8  # two ranks x data.batch_size
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": EXTENSIONS}
+BACKENDS = {"fsdp": ["parallel.backend=fsdp"],
+            # two shard groups of one rank each: the replicate dimension all-reduces, the shard one is trivial
+            "hybrid": ["parallel.backend=fsdp", "parallel.fsdp_shard=hybrid", "parallel.shard_group_size=1"],
+            **{f"zero{s}": ["parallel.backend=deepspeed", f"parallel.zero_stage={s}"] for s in (1, 2, 3)},
+            "zero2-offload": ["parallel.backend=deepspeed", "parallel.zero_stage=2", "parallel.offload_optimizer=true"]}
+NAN_AT, NAN_STEPS = 8, 3  # the second of three steps has a non-finite network output on rank 1 only
+
+
+def settings(data, store, backend, total=STEPS * GLOBAL_BATCH, sample_every=STEPS * GLOBAL_BATCH):
+    return [*TINY, *{"ddp": [], **BACKENDS}[backend], f"data.index={data}", f"store={store}", f"total_images={total}",
+            f"sample_every_images={sample_every}"]
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops():
+    """Builds DeepSpeed's shared-memory op once into the workspace cache, so that no launch times out on it."""
+    os.environ["TORCH_EXTENSIONS_DIR"] = EXTENSIONS
+    from deepspeed.accelerator import get_accelerator
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    demo.write(str(out), num_images=96, samples_per_shard=32)
+    return out
+
+
+def torchrun(args, log):
+    with open(log, "w") as f:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               *args], cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, timeout=400).returncode
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(store):
+    return [json.loads(line) for line in (Path(store) / "demo" / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def rank_states(store):
+    s = open_store(str(store))
+    step = checkpoint.latest_complete(s, "demo")
+    return [checkpoint.load_rank(s, "demo", step, rank, 2) for rank in range(2)]
+
+
+def stop_and_resume(data, tmp, backend):
+    """A run signalled on rank 1 after its first step, started the way srun starts ranks, then resumed to the end
+    under torchrun. Returns the store and both exit codes of the stopped run."""
+    store, port, procs, logs = tmp / f"{backend}-split", free_port(), [], []
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        logs.append(open(tmp / f"{backend}-stopped-{rank}.log", "w"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(DEMO),
+                                       *settings(data, store, backend, total=10**4 * GLOBAL_BATCH, sample_every=0)],
+                                      cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+    log_file = store / "demo" / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 200
+    while not log_file.exists() and time.monotonic() < deadline and procs[0].poll() is None:
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [proc.wait(timeout=200) for proc in procs]
+    for f in logs:
+        f.close()
+    assert log_file.exists(), (tmp / f"{backend}-stopped-0.log").read_text()[-3000:]
+    resumed_log = tmp / f"{backend}-resumed.log"
+    assert torchrun(["-m", "launch.cli", "train", str(DEMO), *settings(data, store, backend)], resumed_log) == 0, \
+        resumed_log.read_text()[-3000:]
+    return store, codes
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory, deepspeed_ops):
+    tmp = tmp_path_factory.mktemp("backends")
+    stores = {backend: tmp / backend for backend in BACKENDS}
+    nonfinite = {b: tmp / f"{b}-nan" for b in ("ddp", "fsdp", "zero3")}
+    worker = json.dumps([{"overrides": settings(data, stores[b], b), "nan_at": None} for b in BACKENDS] +
+                        [{"overrides": settings(data, nonfinite[b], b, total=NAN_STEPS * GLOBAL_BATCH, sample_every=0),
+                          "nan_at": NAN_AT} for b in nonfinite])
+    log = tmp / "worker.log"
+    assert torchrun([str(ROOT / "tests" / "backends_worker.py"), str(DEMO), worker], log) == 0, \
+        log.read_text()[-3000:]
+    split = {b: stop_and_resume(data, tmp, b) for b in ("fsdp", "zero3")}
+    return {"full": stores, "split": split, "nonfinite": nonfinite, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def reference(runs, data):
+    """The same training in one process on the global batch: both ranks' batches and noise concatenated."""
+    cfg = config.load(ExperimentConfig, DEMO, settings(data, runs["tmp"] / "unused", "fsdp"))
+    streams = [iter(Stream(cfg.data, rank, 2)) for rank in range(2)]
+    draw_noise = train.draw_noise
+
+    def global_noise(cfg, images_seen, rank, world_size, shape):
+        half = (shape[0] // 2, *shape[1:])
+        t, eps = zip(*(draw_noise(cfg, images_seen, r, 2, half) for r in range(2)))
+        return torch.cat(t), torch.cat(eps)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train, "draw_noise", global_noise)
+        p = train.build_parts(cfg, 0, 1, torch.device("cpu"))
+        for step in range(STEPS):
+            batches = [next(s) for s in streams]
+            train.train_step(p, {k: torch.cat([b[k] for b in batches]) for k in ("x", "label")}, step * GLOBAL_BATCH)
+    return p
+
+
+def engine_files(states, folder):
+    """The DeepSpeed files both ranks stored, written back into one folder as DeepSpeed laid them out."""
+    (folder / "engine").mkdir(parents=True)
+    for state in states:
+        for name, data in state.train_state["engine"].items():
+            (folder / "engine" / name).write_bytes(data.numpy().tobytes())
+    return folder
+
+
+def full_parameters(backend, states, tmp):
+    if backend in ("fsdp", "hybrid"):
+        # FSDP2 shards dim 0 in torch.chunk's layout: rank 0's rows, then rank 1's
+        a, b = (s.train_state["network"] for s in states)
+        return {k: torch.cat([a[k], b[k]]) if backend == "fsdp" else a[k] for k in a}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(engine_files(states, tmp / f"{backend}-engine")), tag="engine")
+
+
+# float32 sums in a different order (per-rank means, then the all-reduce or reduce-scatter; DeepSpeed's flat
+# buffers), amplified a little by Adam over the steps: the same tolerance as DDP against one process.
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.mark.slow  # five 2-rank launches shared by the tests below, about two minutes on two cores
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_two_ranks_equal_one_process_on_the_global_batch(runs, reference, backend):
+    states = rank_states(runs["full"][backend])
+    assert states[0].images_seen == STEPS * GLOBAL_BATCH
+    full = full_parameters(backend, states, runs["tmp"])
+    plain = dict(reference.module.named_parameters())
+    assert sorted(full) == sorted(plain)
+    for name, value in plain.items():
+        torch.testing.assert_close(full[name], value.detach(), **TOLERANCE, msg=f"{backend} {name}")
+
+
+@pytest.mark.slow
+def test_fsdp_parameters_are_dim0_shards_including_uneven_and_empty_ones(runs, reference):
+    a, b = (s.train_state["network"] for s in rank_states(runs["full"]["fsdp"]))
+    for name, param in reference.module.named_parameters():
+        rows = param.shape[0]
+        assert (a[name].shape[0], b[name].shape[0]) == ((rows + 1) // 2, rows // 2), name  # not a DDP fallback
+    assert a["class_emb.weight"].shape[0] == 6 and b["class_emb.weight"].shape[0] == 5  # 11 rows
+    assert b["mid_pos"].shape[0] == 0  # one row: rank 1 holds nothing and still takes part in every gather
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["zero1", "zero2", "zero3"])
+def test_deepspeed_engine_runs_the_configured_zero_stage(runs, backend):
+    for rank, state in enumerate(rank_states(runs["full"][backend])):
+        optim = torch.load(io.BytesIO(state.train_state["engine"][f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
+                                      .numpy().tobytes()), weights_only=False)  # DeepSpeed's own pickles
+        assert optim["optimizer_state_dict"]["zero_stage"] == int(backend[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp", "hybrid", "zero1", "zero3"])
+def test_consolidated_ema_loads_strictly_into_a_plain_network_and_equals_one_process(runs, reference, backend):
+    s = open_store(str(runs["full"][backend]))
+    step = checkpoint.latest_complete(s, "demo")
+    cfg = reference.cfg
+    for name, average in zip(reference.ema.averages, reference.ema.consolidate(
+            [n for n, _ in reference.module.named_parameters()], reference.backend.gather()).values()):
+        weights = checkpoint.load_ema(s, "demo", step, name)
+        assert all(w.dtype == torch.float32 for w in weights.values())
+        cfg.network.build().load_state_dict(weights, strict=True)
+        for key, value in average.items():
+            torch.testing.assert_close(weights[key], value, **TOLERANCE, msg=f"{backend} {name} {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_resumed_run_repeats_the_uninterrupted_losses_and_state_bitwise(runs, backend):
+    store, codes = runs["split"][backend]
+    assert codes == [train.EXIT_REQUEUE, train.EXIT_REQUEUE]
+    full, resumed = metrics(runs["full"][backend]), metrics(store)
+    assert [r["images_seen"] for r in full] == [GLOBAL_BATCH * (i + 1) for i in range(STEPS)]
+    assert [(r["images_seen"], r["loss"], r["grad_norm"]) for r in resumed] == \
+           [(r["images_seen"], r["loss"], r["grad_norm"]) for r in full]
+    a, b = rank_states(runs["full"][backend]), rank_states(store)
+    for x, y in zip(a, b):
+        for name, average in x.train_state["ema"]["averages"].items():
+            assert all(torch.equal(u, v) for u, v in zip(average, y.train_state["ema"]["averages"][name])), name
+    full_a = full_parameters(backend, a, runs["tmp"] / "uninterrupted")
+    full_b = full_parameters(backend, b, runs["tmp"] / "resumed")
+    for key, value in full_a.items():
+        assert torch.equal(value, full_b[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "fsdp", "zero3"])
+def test_nonfinite_output_on_one_rank_skips_that_step_on_every_rank(runs, backend):
+    logged = metrics(runs["nonfinite"][backend])
+    assert [(r["images_seen"], r["skipped_steps"]) for r in logged] == [(8, 0), (16, 1), (24, 1)]
+    assert logged[1]["loss"] is None and math.isfinite(logged[2]["loss"])
+    # each rank's EMA counts the optimizer steps it applied: two of three, on both ranks
+    assert [s.train_state["ema"]["t"] for s in rank_states(runs["nonfinite"][backend])] == [2, 2]
