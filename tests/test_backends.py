@@ -21,6 +21,7 @@ import torch
 from data import demo
 from data.stream import Stream
 from trainer import checkpoint, config, train
+from trainer.config import ConfigError
 from trainer.experiment import ExperimentConfig
 from trainer.store import open_store
 
@@ -247,3 +248,14 @@ def test_nonfinite_output_on_one_rank_skips_that_step_on_every_rank(runs, backen
     assert logged[1]["loss"] is None and math.isfinite(logged[2]["loss"])
     # each rank's EMA counts the optimizer steps it applied: two of three, on both ranks
     assert [s.train_state["ema"]["t"] for s in rank_states(runs["nonfinite"][backend])] == [2, 2]
+
+
+def test_resuming_with_other_parallel_settings_is_refused_with_both_settings_named(data, tmp_path):
+    from accelerate import Accelerator
+
+    store = open_store(str(tmp_path))
+    cfg = config.load(ExperimentConfig, DEMO, settings(data, tmp_path, "ddp", total=8, sample_every=0))
+    assert train.train(cfg, store, Accelerator(cpu=True)) == 0
+    fsdp = config.load(ExperimentConfig, DEMO, settings(data, tmp_path, "fsdp", total=16, sample_every=0))
+    with pytest.raises(ConfigError, match="'backend': 'ddp'.*'backend': 'fsdp'"):
+        train.train(fsdp, store, Accelerator(cpu=True))

@@ -199,7 +199,8 @@ class Progress:
 def save_checkpoint(p: Parts, store: Store, stream: Stream, progress: Progress, barrier: Callable[[], None]) -> bool:
     cfg = p.cfg
     ema = consolidated_ema(p)
-    train_state = {**p.backend.state_dict(), "ema": p.ema.state_dict(), "progress": vars(progress).copy()}
+    train_state = {**p.backend.state_dict(), "parallel": config.to_dict(cfg.parallel), "ema": p.ema.state_dict(),
+                   "progress": vars(progress).copy()}
     if cfg.objective.importance == "adaptive":
         train_state["sampler"] = p.sampler.state_dict()
     step = progress.images_seen // (cfg.data.batch_size * p.world_size)
@@ -217,6 +218,12 @@ def resume(p: Parts, store: Store, stream: Stream) -> Progress:
     if step[0] is None:
         return Progress()
     state = checkpoint.load_rank(store, p.cfg.run, step[0], p.rank, p.world_size)
+    # each backend stores its own per-rank layout; checkpoints from before `parallel` existed are DDP's
+    written = state.train_state.get("parallel", config.to_dict(parallel.ParallelConfig()))
+    if written != config.to_dict(p.cfg.parallel):
+        raise ConfigError(f"checkpoint {step[0]:09d} of run {p.cfg.run!r} was written with parallel={written}, "
+                          f"this run has parallel={config.to_dict(p.cfg.parallel)}; resume with the settings it "
+                          "was written with")
     p.backend.load_state_dict(state.train_state)
     p.ema.load_state_dict(state.train_state["ema"])
     if p.cfg.objective.importance == "adaptive":
