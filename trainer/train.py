@@ -105,7 +105,7 @@ def train_step(p: Parts, batch: dict, images_seen: int) -> tuple[Tensor, Tensor,
     t, eps = draw_noise(cfg, images_seen, p.rank, p.world_size, x.shape)
     with torch.no_grad():
         logsnr, density = p.sampler.sample(t.to(p.device))  # as drawn inside the loss
-    outputs = []
+    outputs = []  # what the network returned: a rank whose loss fails still backpropagates through it (below)
 
     def net(z: Tensor, logsnr: Tensor, c: Tensor) -> Tensor:
         outputs.append(p.backend.net(z, logsnr, c))
