@@ -1,8 +1,9 @@
 """The FSDP2 and DeepSpeed ZeRO backends, with 2-rank launches on CPU (gloo): parameters against one process on the
 global batch, the consolidated EMA files, and resume after a stop.
 
-Five launches in all: one trains every backend setting to the end, one after the other (tests/backends_worker.py);
-then, for FSDP2 and for ZeRO-3, a run stopped by SIGTERM and its resumption.
+Five launches in all: one trains every backend setting to the end, one after the other, and then three short runs
+with a non-finite network output on one rank (tests/backends_worker.py); then, for FSDP2 and for ZeRO-3, a run
+stopped by SIGTERM and its resumption.
 """
 import io
 import json
@@ -92,7 +93,7 @@ def rank_states(store):
 
 def stop_and_resume(data, tmp, backend):
     """A run signalled on rank 1 after its first step, started the way srun starts ranks, then resumed to the end
-    under torchrun. Returns the store and both exit codes of the stopped run."""
+    under torchrun. Returns the store, both exit codes of the stopped run and the resumed run's log."""
     store, port, procs, logs = tmp / f"{backend}-split", free_port(), [], []
     for rank in range(2):
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
@@ -113,7 +114,7 @@ def stop_and_resume(data, tmp, backend):
     resumed_log = tmp / f"{backend}-resumed.log"
     assert torchrun(["-m", "launch.cli", "train", str(DEMO), *settings(data, store, backend)], resumed_log) == 0, \
         resumed_log.read_text()[-3000:]
-    return store, codes
+    return store, codes, resumed_log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +225,9 @@ def test_consolidated_ema_loads_strictly_into_a_plain_network_and_equals_one_pro
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["fsdp", "zero3"])
 def test_resumed_run_repeats_the_uninterrupted_losses_and_state_bitwise(runs, backend):
-    store, codes = runs["split"][backend]
+    store, codes, resumed_log = runs["split"][backend]
     assert codes == [train.EXIT_REQUEUE, train.EXIT_REQUEUE]
+    assert "resumed from checkpoint" in resumed_log  # not a fresh start that happens to log the same losses
     full, resumed = metrics(runs["full"][backend]), metrics(store)
     assert [r["images_seen"] for r in full] == [GLOBAL_BATCH * (i + 1) for i in range(STEPS)]
     assert [(r["images_seen"], r["loss"], r["grad_norm"]) for r in resumed] == \
