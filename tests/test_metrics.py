@@ -83,7 +83,8 @@ def test_peak_memory_on_cpu_is_the_kernels_high_water_mark_of_the_resident_set()
 
 def test_only_rank_0_writes_and_shows_a_progress_bar_counting_images(tmp_path):
     store = open_store(str(tmp_path))
-    with MetricsLog(store, experiment(), 16, False, CPU) as other, MetricsLog(store, experiment(), 16, True, CPU) as zero:
+    with MetricsLog(store, experiment(), 16, False, CPU) as other, \
+            MetricsLog(store, experiment(), 16, True, CPU) as zero:
         for log in (other, zero):
             step(log, 1.0, 20)
             step(log, 1.0, 24)

@@ -154,8 +154,8 @@ def test_losses_after_two_kills_equal_the_uninterrupted_run(crash):
 
 
 @pytest.mark.slow
-def test_checkpoints_round_trip_through_s3_and_the_resumed_run_repeats_the_losses(crash, data, s3_endpoint,  # noqa: F811
-                                                                                  tmp_path):
+def test_checkpoints_round_trip_through_s3_and_the_resumed_run_repeats_the_losses(
+        crash, data, s3_endpoint, tmp_path):  # noqa: F811
     env = {"AWS_ENDPOINT_URL": s3_endpoint}
     store = f"s3://{BUCKET}/crash"
     # a request to moto costs milliseconds and the log is rewritten at every step: two checkpoints' worth of steps
