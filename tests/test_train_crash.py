@@ -1,6 +1,6 @@
 """Hard crashes of a 2-rank run (kill -9, no chance to checkpoint) and a run whose checkpoints live in S3.
 
-Five launches share the tests below (about a minute): `full`, uninterrupted; `crash`, the same run killed on rank 1
+Five launches share the tests below (one to two minutes on 2 cores): `full`, uninterrupted; `crash`, the same run killed on rank 1
 at a random step, then restarted and killed on rank 0 while it writes a checkpoint, then restarted to the end;
 `s3`, 8 steps into a moto S3 server, then 8 more resumed from its checkpoint."""
 import json

@@ -14,7 +14,7 @@ write a checkpoint and exit with EXIT_REQUEUE = 75 (EX_TEMPFAIL of sysexits.h: "
 that sees 75 requeues the job (`scontrol requeue $SLURM_JOB_ID`), and the next start resumes from that checkpoint.
 
 Written to the store, under `<run>/`: `config.yaml` (the resolved config, at every start), `logs/metrics.jsonl`
-(one JSON object per log interval: loss, grad norm, lr, images/s, images seen, skipped steps),
+and `tensorboard/` (one record per log interval, from rank 0: trainer/metrics.py),
 `samples/<step>.png` (a grid from the EMA weights), `checkpoints/...` (trainer/checkpoint.py).
 """
 from __future__ import annotations
