@@ -3,8 +3,8 @@
 Step: the loop's body as `trainer.train.train` runs it on one process (the real `train_step` with its seeding,
 gradient clipping and non-finite check, the EMAs of the demo config, the progress counters, the per-bin loss
 totals and `MetricsLog.step` with its progress bar, metrics.jsonl and TensorBoard writes every 8 steps), against
-a bare loop on a copy of the same network: the same weighted loss on the same batch, backward, AdamW step,
-nothing else; and `train_step` alone, to tell the step's own additions from the loop's bookkeeping. The three
+a bare loop on a copy of the same network: the same weighted loss on the same batch, backward, gradient clipping
+to the configured norm (part of the optimizer recipe every config sets, not of the loop), AdamW step, nothing else; and `train_step` alone, to tell the step's own additions from the loop's bookkeeping. The three
 take turns step by step; the overhead is the median, over those turns, of the ratio of step times, in wall
 seconds and in CPU seconds of this process (the steadier one on a shared machine).
 
@@ -72,6 +72,7 @@ def bare_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Exper
     optimizer.zero_grad(set_to_none=True)
     objective.weighted_loss(net, x, cond, schedule=sampler, weighting=weight, t=torch.rand(len(x)),
                             eps=torch.randn_like(x)).mean().backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optimizer.grad_clip)
     optimizer.step()
 
 
