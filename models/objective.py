@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from models import adaptive, schedules, timesteps, weighting
-from models.prediction import PREDICTIONS, alpha_sigma, diffuse, expand, to_eps
+from models.prediction import PREDICTIONS, diffuse, to_eps
 
 DataKind = Literal["pixels8", "continuous"]
 DATA_KINDS = DataKind.__args__

@@ -9,27 +9,18 @@ import io
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from data import demo
 from data.stream import Stream
+from launching import DEMO, EXTENSIONS, ROOT, metrics, stop_after_first_record, torchrun, train_argv
 from trainer import checkpoint, config, train
 from trainer.config import ConfigError
 from trainer.experiment import ExperimentConfig
 from trainer.store import open_store
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
-# DeepSpeed compiles its shared-memory communication op on first use (about 40 s); the cache lives in the workspace
-EXTENSIONS = str(ROOT / ".torch_extensions")
 # A network small enough that a step takes milliseconds; dropout off so that one process on the global batch must
 # match two ranks; the adaptive sampler, whose statistics are all-reduced and resumed. Its class embedding has 11
 # rows and its position embeddings one, so FSDP2 shards some parameters unevenly and leaves rank 1 empty-handed on
@@ -40,7 +31,6 @@ TINY = ["objective.importance=adaptive", "data.batch_size=4", "data.shuffle_buff
         "network.overrides.emb_channels=32", "network.overrides.norm_groups=4", "network.overrides.label_dropout=0.0",
         "log_every_images=8", "sample_steps=4", "checkpoint.every_images=32", "optimizer.warmup_images=16"]
 STEPS, GLOBAL_BATCH = 12, 8  # two ranks x data.batch_size
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": EXTENSIONS}
 BACKENDS = {"fsdp": ["parallel.backend=fsdp"],
             # two shard groups of one rank each: the replicate dimension all-reduces, the shard one is trivial
             "hybrid": ["parallel.backend=fsdp", "parallel.fsdp_shard=hybrid", "parallel.shard_group_size=1"],
@@ -69,22 +59,6 @@ def data(tmp_path_factory):
     return out
 
 
-def torchrun(args, log):
-    with open(log, "w") as f:
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               *args], cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, timeout=400).returncode
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metrics(store):
-    return [json.loads(line) for line in (Path(store) / "demo" / "logs" / "metrics.jsonl").read_text().splitlines()]
-
-
 def rank_states(store):
     s = open_store(str(store))
     step = checkpoint.latest_complete(s, "demo")
@@ -94,25 +68,11 @@ def rank_states(store):
 def stop_and_resume(data, tmp, backend):
     """A run signalled on rank 1 after its first step, started the way srun starts ranks, then resumed to the end
     under torchrun. Returns the store, both exit codes of the stopped run and the resumed run's log."""
-    store, port, procs, logs = tmp / f"{backend}-split", free_port(), [], []
-    for rank in range(2):
-        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        logs.append(open(tmp / f"{backend}-stopped-{rank}.log", "w"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(DEMO),
-                                       *settings(data, store, backend, total=10**4 * GLOBAL_BATCH, sample_every=0)],
-                                      cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
-    log_file = store / "demo" / "logs" / "metrics.jsonl"
-    deadline = time.monotonic() + 200
-    while not log_file.exists() and time.monotonic() < deadline and procs[0].poll() is None:
-        time.sleep(0.02)
-    procs[1].send_signal(signal.SIGTERM)
-    codes = [proc.wait(timeout=200) for proc in procs]
-    for f in logs:
-        f.close()
-    assert log_file.exists(), (tmp / f"{backend}-stopped-0.log").read_text()[-3000:]
+    store = tmp / f"{backend}-split"
+    codes = stop_after_first_record(settings(data, store, backend, total=10**4 * GLOBAL_BATCH, sample_every=0), store,
+                                    tmp / f"{backend}-stopped")
     resumed_log = tmp / f"{backend}-resumed.log"
-    assert torchrun(["-m", "launch.cli", "train", str(DEMO), *settings(data, store, backend)], resumed_log) == 0, \
+    assert torchrun(train_argv(*settings(data, store, backend)), resumed_log) == 0, \
         resumed_log.read_text()[-3000:]
     return store, codes, resumed_log.read_text()
 

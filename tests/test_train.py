@@ -1,12 +1,4 @@
 import io
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +7,11 @@ from PIL import Image
 from data import demo
 from data.stream import Stream
 from launch.cli import main as cli
+from launching import DEMO, metrics, stop_after_first_record, torchrun, train_argv
 from trainer import checkpoint, config, train
 from trainer.experiment import ExperimentConfig
 from trainer.store import open_store
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
 # The demo config with a network small enough that a step takes milliseconds; dropout off so that one process
 # on the global batch must match two ranks; the adaptive sampler, whose bin statistics are all-reduced and whose
 # table is part of the resume state.
@@ -30,7 +21,6 @@ TINY = ["objective.importance=adaptive", "data.batch_size=4", "data.shuffle_buff
         "network.overrides.emb_channels=32", "network.overrides.norm_groups=4", "network.overrides.label_dropout=0.0",
         "log_every_images=8", "sample_steps=4", "checkpoint.every_images=64", "optimizer.warmup_images=16"]
 STEPS, GLOBAL_BATCH = 24, 8  # two ranks x data.batch_size
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def settings(data, store, total=STEPS * GLOBAL_BATCH, sample_every=STEPS * GLOBAL_BATCH):
@@ -45,23 +35,6 @@ def data(tmp_path_factory):
     return out
 
 
-def torchrun(args, log):
-    with open(log, "w") as f:
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "launch.cli", "train", str(DEMO), *args],
-                              cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT, timeout=300).returncode
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metrics(store):
-    return [json.loads(line) for line in (Path(store) / "demo" / "logs" / "metrics.jsonl").read_text().splitlines()]
-
-
 def final_state(store):
     s = open_store(str(store))
     return checkpoint.load_rank(s, "demo", checkpoint.latest_complete(s, "demo"), 0, 2)
@@ -74,30 +47,15 @@ def runs(data, tmp_path_factory):
     continuing the stopped run's store to the end."""
     tmp = tmp_path_factory.mktemp("runs")
     full, split = tmp / "full", tmp / "split"
-    assert torchrun(settings(data, full), tmp / "full.log") == 0, (tmp / "full.log").read_text()[-3000:]
+    assert torchrun(train_argv(*settings(data, full)), tmp / "full.log") == 0, (tmp / "full.log").read_text()[-3000:]
 
-    port, procs, logs = free_port(), [], []
-    for rank in range(2):
-        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        logs.append(open(tmp / f"stopped-{rank}.log", "w"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "launch.cli", "train", str(DEMO),
-                                       *settings(data, split, total=10**4 * GLOBAL_BATCH, sample_every=0)],
-                                      cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
-    log_file = split / "demo" / "logs" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not log_file.exists() and time.monotonic() < deadline and procs[0].poll() is None:
-        time.sleep(0.02)
-    procs[1].send_signal(signal.SIGTERM)
-    codes = [proc.wait(timeout=120) for proc in procs]
-    for f in logs:
-        f.close()
-    assert log_file.exists(), (tmp / "stopped-0.log").read_text()[-3000:]
+    codes = stop_after_first_record(settings(data, split, total=10**4 * GLOBAL_BATCH, sample_every=0), split,
+                                    tmp / "stopped", timeout=120)
     stopped_at = metrics(split)[-1]["images_seen"]
     s = open_store(str(split))
     manifests = [checkpoint.read_manifest(s, "demo", step) for step in checkpoint.complete_steps(s, "demo")]
 
-    assert torchrun(settings(data, split), tmp / "resumed.log") == 0, (tmp / "resumed.log").read_text()[-3000:]
+    assert torchrun(train_argv(*settings(data, split)), tmp / "resumed.log") == 0, (tmp / "resumed.log").read_text()[-3000:]
     return {"full": full, "split": split, "codes": codes, "stopped_at": stopped_at, "manifests": manifests,
             "tmp": tmp}
 

@@ -17,7 +17,8 @@ import boto3
 import pytest
 
 from s3server import BUCKET, s3_endpoint  # noqa: F401  (pytest fixture)
-from test_train import DEMO, GLOBAL_BATCH, ROOT, data, settings  # noqa: F401  (data: pytest fixture)
+from launching import ROOT, environment, train_argv
+from test_train import GLOBAL_BATCH, data, settings  # noqa: F401  (data: pytest fixture)
 from trainer import checkpoint
 from trainer.store import open_store
 
@@ -28,11 +29,10 @@ LOSS_KEYS = ("images_seen", "loss", "grad_norm", "lr", "loss_by_logsnr")
 
 def launch(args, log, env=None):
     """torchrun with 2 CPU ranks, started in the background; output to `log`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                 "2", "-m", "launch.cli", "train", str(DEMO), *args],
-                                cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+                                 "2", *train_argv(*args)], cwd=ROOT, env=environment(**(env or {})), stdout=f,
+                                stderr=subprocess.STDOUT)
 
 
 def finish(proc, log, timeout=120):
