@@ -83,12 +83,7 @@ def is_plain_jpeg(image: Image.Image) -> bool:
     return image.format == "JPEG" and image.mode == "RGB"
 
 
-def decode(data: bytes, ext: str) -> np.ndarray:
-    """Shard member bytes -> (H, W, 3) uint8. simplejpeg (libjpeg-turbo) for JPEG: the fastest decoder we measured
-    (benchmarks/RESULTS.md, "Data"); Pillow for PNG."""
-    if ext == "jpg":
-        import simplejpeg
-
-        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+def decode(data: bytes) -> np.ndarray:
+    """PNG member bytes -> (H, W, 3) uint8. JPEG members are decoded by `reader.decode_image`, with simplejpeg."""
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"))

@@ -1,9 +1,10 @@
 """The training stream: batches from shards, infinite, with an exact and cheap resume position.
 
 `Stream(config, rank, world_size)` yields {"x", "label", "index"} batches forever: x is (B, 3, H, W) images
-(uint8, or float in [-1, 1] as k/127.5 - 1) or (B, C, h, w) float latents; index holds the sample ids. Which
-sample goes where is `data.plan`: every (rank, worker) slot gets the same number of full batches per round (about
-an epoch), nothing padded and nothing dropped, each epoch in a new seeded shard order.
+(uint8, or float in [-1, 1] as k/127.5 - 1) in channels_last memory format, or (B, C, h, w) float latents; index
+holds the sample ids. Which sample goes where is `data.plan`: every (rank, worker) slot gets the same number of
+full batches per round (about an epoch), nothing padded and nothing dropped, each epoch in a new seeded shard
+order.
 
 Resume. `state_dict()` holds the layout (seed, world size, workers, batch size, shuffle block), the batches this
 rank has consumed, and per worker the shard order of its epoch and the samples it has consumed. With the same
@@ -82,7 +83,7 @@ class _Slots(IterableDataset):
         b = self.first // w_count + (worker < self.first % w_count)
         while True:
             t = b // k
-            read, order, flips = self.plan.slot_round(t, slot)
+            read, order, flips = (a.tolist() for a in self.plan.slot_round(t, slot))
             bad = 0
             cached, samples = -1, []
             for e in range(b % k * size, k * size, size):
@@ -92,10 +93,10 @@ class _Slots(IterableDataset):
                     block = j // layout.block
                     if block != cached:
                         cached = block
-                        samples = [shards.get(int(i)) for i in read[block * layout.block:(block + 1) * layout.block]]
+                        samples = [shards.get(i) for i in read[block * layout.block:(block + 1) * layout.block]]
                     pos = order[j]
-                    flip = bool(flips[j]) and self.config.flip
-                    raw.append((int(read[pos]), samples[pos - block * layout.block], flip))
+                    flip = flips[j] and self.config.flip
+                    raw.append((read[pos], samples[pos - block * layout.block], flip))
                 batch = reader.make_batch(raw, self.kind, self.config.dtype)
                 bad += sum(batch["bad"].values())
                 if bad > self.config.max_bad_fraction * k * size:

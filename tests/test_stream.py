@@ -76,6 +76,53 @@ def test_float_batches_are_in_minus_one_one_and_flips_mirror_the_image(tmp_path)
     assert 5 < sum(mirrored) < 25
 
 
+def jpeg_shard(out, sizes):
+    """One shard of JPEG samples of the given (height, width) sizes, labelled by position; returns the index path
+    and the JPEG bytes."""
+    import simplejpeg
+
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    jpegs = [simplejpeg.encode_jpeg(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 90) for h, w in sizes]
+    with tarfile.open(out / "shard-000000.tar", "w") as tar:
+        for i, data in enumerate(jpegs):
+            for name, member in ((f"{i:09d}.jpg", data), (f"{i:09d}.cls", str(i).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(member)
+                tar.addfile(info, io.BytesIO(member))
+    index = {"kind": "images", "complete": True, "num_samples": len(sizes), "classes": [str(i) for i in sizes],
+             "shards": [{"name": "shard-000000.tar", "count": len(sizes)}]}
+    (out / "index.json").write_text(json.dumps(index))
+    return str(out), jpegs
+
+
+def test_jpeg_batches_are_channels_last_views_equal_to_the_exact_decode_mirrored_where_flipped(tmp_path):
+    import simplejpeg
+
+    index, jpegs = jpeg_shard(tmp_path / "j", [(24, 40)] * 40)
+    stream = Stream(StreamConfig(index=index, batch_size=40, num_workers=0, dtype="uint8"))
+    batch = take(stream, 1)[0]
+    x = batch["x"]
+    assert x.shape == (40, 3, 24, 40) and x.is_contiguous(memory_format=torch.channels_last)
+    flipped = 0
+    for image, label in zip(x, batch["label"]):
+        exact = torch.from_numpy(simplejpeg.decode_jpeg(jpegs[int(label)], "RGB")).permute(2, 0, 1)
+        assert torch.equal(image, exact) or torch.equal(image, exact.flip(2))
+        flipped += not torch.equal(image, exact)
+    assert 5 < flipped < 35
+    floats = take(Stream(StreamConfig(index=index, batch_size=40, num_workers=0)), 1)[0]["x"]
+    assert floats.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(floats, x.float() / 127.5 - 1)
+
+
+@pytest.mark.parametrize("other", [(16, 40), (32, 40)], ids=["smaller", "larger"])
+def test_a_batch_mixing_jpeg_sizes_is_an_error_not_a_bad_sample(tmp_path, other):
+    index, _ = jpeg_shard(tmp_path / "j", [(24, 40)] * 3 + [other])
+    for flip in (False, True):
+        with pytest.raises(ValueError, match="fixed resolution"):
+            take(Stream(StreamConfig(index=index, batch_size=4, num_workers=0, shuffle_buffer=1, flip=flip)), 1)
+
+
 def test_resume_at_a_random_step_gives_the_uninterrupted_batches(tmp_path):
     index = uneven_shards(tmp_path, [13, 40, 9, 41])
     config = StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10, seed=3)
