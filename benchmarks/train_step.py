@@ -4,7 +4,8 @@ Step: the loop's body as `trainer.train.train` runs it on one process (the real 
 gradient clipping and non-finite check, the EMAs of the demo config, the progress counters, the per-bin loss
 totals and `MetricsLog.step` with its progress bar, metrics.jsonl and TensorBoard writes every 8 steps), against
 a bare loop on a copy of the same network: the same weighted loss on the same batch, backward, gradient clipping
-to the configured norm (part of the optimizer recipe every config sets, not of the loop), AdamW step, nothing else; and `train_step` alone, to tell the step's own additions from the loop's bookkeeping. The three
+to the configured norm and AdamW with the same parameter groups (the optimizer recipe every config sets, not a
+cost of the loop), nothing else; and `train_step` alone, to tell the step's own additions from the loop's bookkeeping. The three
 take turns step by step; the overhead is the median, over those turns, of the ratio of step times, in wall
 seconds and in CPU seconds of this process (the steadier one on a shared machine).
 
@@ -37,7 +38,7 @@ import torch
 from data import demo
 from data.stream import Stream
 from models import objective
-from trainer import config, train
+from trainer import config, parallel, train
 from trainer.experiment import ExperimentConfig
 from trainer.metrics import MetricsLog
 from trainer.store import open_store
@@ -94,8 +95,7 @@ def step_overhead(p: train.Parts, store, steps: int) -> dict:
     each ratio to the bare loop is over steps taken side by side."""
     cfg = p.cfg
     bare = copy.deepcopy(p.module)
-    opt = cfg.optimizer
-    bare_opt = torch.optim.AdamW(bare.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    bare_opt = parallel.build_optimizer(bare, cfg.optimizer)  # the same AdamW parameter groups
     g = torch.Generator().manual_seed(0)
     n = cfg.data.batch_size
     res = cfg.network.build_config().resolution
