@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from data import images, reader, storage, writer
+from data import images, reader, writer
 from data.shards import MTIME
 
 CHUNK = 32  # images per VAE call

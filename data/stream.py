@@ -19,11 +19,11 @@ when more than `max_bad_fraction` of the samples it reads in one round are bad.
 """
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import reader
@@ -59,6 +59,13 @@ def open_shards(config: StreamConfig) -> tuple[dict, list[str]]:
     if index["kind"] == "latents" and config.dtype == "uint8":
         raise ValueError(f"{config.index} holds latents, which are float: set dtype to 'float'")
     return index, urls
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Launchers signal a job's whole process group (scancel, pod eviction): the rank finishes its step and writes
+    a checkpoint before it exits, so its DataLoader workers must not die first and fail the fetch in flight."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def as_made(batch: dict) -> dict:
@@ -133,7 +140,8 @@ class Stream:
         slots = _Slots(self.plan, self.urls, self.kind, self.config, self.rank, self.batches)
         # batch_size=None: batches are made in the workers; the loader returns them round robin by worker,
         # which is the order the plan assumes.
-        loader = DataLoader(slots, batch_size=None, num_workers=self.config.num_workers, collate_fn=as_made)
+        loader = DataLoader(slots, batch_size=None, num_workers=self.config.num_workers, collate_fn=as_made,
+                            worker_init_fn=ignore_stop_signals)
         for batch in loader:
             self.batches += 1
             self.bad.update(batch.pop("bad"))

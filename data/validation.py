@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import reader
-from data.stream import StreamConfig, as_made, open_shards
+from data.stream import StreamConfig, as_made, ignore_stop_signals, open_shards
 
 
 class _RankBatches(IterableDataset):
@@ -62,7 +62,8 @@ class ValidationStream:
 
     def __iter__(self) -> Iterator[dict]:
         workers = min(self.batches.config.num_workers, len(self))
-        for batch in DataLoader(self.batches, batch_size=None, num_workers=workers, collate_fn=as_made):
+        for batch in DataLoader(self.batches, batch_size=None, num_workers=workers, collate_fn=as_made,
+                                worker_init_fn=ignore_stop_signals):
             for reason, count in batch.pop("bad").items():
                 self.bad[reason] = self.bad.get(reason, 0) + count
             yield batch

@@ -1,8 +1,6 @@
 import io
 import json
 import os
-import struct
-import zlib
 
 import numpy as np
 import pytest

@@ -1,8 +1,9 @@
 import io
 import json
 import random
-import socket
+import signal
 import tarfile
+import time
 from collections import Counter
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp_mp
 
 from data import demo, writer
+from s3server import BUCKET, free_port, s3_endpoint  # noqa: F401  (pytest fixture)
 from data.stream import Stream, StreamConfig
 from data.validation import ValidationStream
 
@@ -183,39 +185,16 @@ def test_pipe_urls_give_the_same_samples_as_local_paths(tmp_path):
         assert torch.equal(a["x"], b["x"]) and torch.equal(a["index"], b["index"])
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="shards")
-    yield endpoint
-    server.stop()
-
-
-def test_s3_shards_written_and_read_through_a_real_s3_server_match_local_ones(tmp_path, s3_endpoint):
+def test_s3_shards_written_and_read_through_a_real_s3_server_match_local_ones(tmp_path, s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # shard URLs carry no endpoint: boto3 reads it from here
     local_index = demo.write(str(tmp_path), num_images=60, samples_per_shard=25)
-    s3_index = demo.write("s3://shards/demo", num_images=60, samples_per_shard=25)
+    s3_index = demo.write(f"s3://{BUCKET}/demo", num_images=60, samples_per_shard=25)
     assert [s["sha256"] for s in local_index["shards"]] == [s["sha256"] for s in s3_index["shards"]]
-    again = demo.write("s3://shards/demo", num_images=60, samples_per_shard=25)  # finished shards are kept
+    again = demo.write(f"s3://{BUCKET}/demo", num_images=60, samples_per_shard=25)  # finished shards are kept
     assert again["shards"] == s3_index["shards"]
     config = dict(batch_size=8, num_workers=2, shuffle_buffer=16)
     local = take(Stream(StreamConfig(index=str(tmp_path), **config)), 10)
-    remote = take(Stream(StreamConfig(index="s3://shards/demo/index.json", **config)), 10)
+    remote = take(Stream(StreamConfig(index=f"s3://{BUCKET}/demo/index.json", **config)), 10)
     for a, b in zip(local, remote):
         assert torch.equal(a["x"], b["x"]) and torch.equal(a["index"], b["index"])
 
@@ -360,3 +339,20 @@ def test_each_epoch_reads_the_shards_in_a_new_order_fixed_by_the_seed(tmp_path):
     stream = Stream(StreamConfig(index=index, batch_size=10, num_workers=0, shuffle_buffer=10))
     first, second = [[int(i) for b in batches for i in b["index"]] for batches in (take(stream, 6), take(stream, 6))]
     assert sorted(first) == sorted(second) == list(range(60)) and first != second
+
+
+def test_dataloader_workers_survive_the_stop_signal_meant_for_their_rank(tmp_path):
+    """scancel and pod evictions signal every process of the job; the rank checkpoints before it exits, so its
+    workers must keep serving batches until then."""
+    import psutil
+
+    index = uneven_shards(tmp_path, [40, 40])
+    stream = iter(Stream(StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=8)))
+    next(stream)
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert all(worker.is_running() for worker in workers)
+    assert len(take(stream, 10)) == 10
