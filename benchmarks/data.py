@@ -7,7 +7,7 @@ one torch thread), timed in CPU seconds of the process: images/s per core. The d
 decoder alone on the same bytes in memory, exact settings, the faster of writing every image into one reused buffer
 and into a new array dropped at once; pipelines and decoders are timed in the same interleaved rounds.
 
-    .venv/bin/python benchmarks/data.py [--images 1000]
+    .venv/bin/python -m benchmarks.data [--images 1000]
 """
 from __future__ import annotations
 
@@ -16,23 +16,20 @@ import io
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder heads sys.path and the file's own name would hide the `data` package.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import numpy as np  # noqa: E402
-import simplejpeg  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.io import decode_jpeg  # noqa: E402
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image
+from torchvision.io import decode_jpeg
 
-from data import shards  # noqa: E402
-from data.reader import iterate_shard  # noqa: E402
-from data.stream import Stream, StreamConfig  # noqa: E402
+from data import shards
+from data.reader import iterate_shard
+from data.stream import Stream, StreamConfig
 
 
 def synthetic_photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
