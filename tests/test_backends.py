@@ -13,7 +13,6 @@ import os
 import pytest
 import torch
 
-from data import demo
 from data.stream import Stream
 from launching import DEMO, EXTENSIONS, ROOT, metrics, stop_after_first_record, torchrun, train_argv
 from trainer import checkpoint, config, train
@@ -50,13 +49,6 @@ def deepspeed_ops():
     os.environ["TORCH_EXTENSIONS_DIR"] = EXTENSIONS
     from deepspeed.accelerator import get_accelerator
     get_accelerator().create_op_builder("ShareMemCommBuilder").load()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    demo.write(str(out), num_images=96, samples_per_shard=32)
-    return out
 
 
 def rank_states(store):

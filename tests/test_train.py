@@ -28,13 +28,6 @@ def settings(data, store, total=STEPS * GLOBAL_BATCH, sample_every=STEPS * GLOBA
             f"sample_every_images={sample_every}"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    demo.write(str(out), num_images=96, samples_per_shard=32)
-    return out
-
-
 def final_state(store):
     s = open_store(str(store))
     return checkpoint.load_rank(s, "demo", checkpoint.latest_complete(s, "demo"), 0, 2)

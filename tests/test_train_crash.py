@@ -18,7 +18,7 @@ import pytest
 
 from s3server import BUCKET, s3_endpoint  # noqa: F401  (pytest fixture)
 from launching import ROOT, environment, train_argv
-from test_train import GLOBAL_BATCH, data, settings  # noqa: F401  (data: pytest fixture)
+from test_train import GLOBAL_BATCH, settings
 from trainer import checkpoint
 from trainer.store import open_store
 
