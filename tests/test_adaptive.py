@@ -11,12 +11,18 @@ def profile(logsnr):
     return 0.05 + torch.exp(-0.5 * ((logsnr - 2.0) / 1.5) ** 2)
 
 
+def learn(sampler, draw, steps, n, seed):
+    """Train the sampler's table on the fixed profile; returns the generator for further draws."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        logsnr, _ = sampler.sample(draw(n, g))
+        sampler.update(logsnr, profile(logsnr))
+    return g
+
+
 def test_density_converges_to_weighted_loss_profile():
     sampler = AdaptiveSampler(LO, HI, AdaptiveConfig(bins=40, ema=0.99))
-    g = torch.Generator().manual_seed(0)
-    for _ in range(1500):
-        logsnr, _ = sampler.sample(timesteps.antithetic(256, g))
-        sampler.update(logsnr, profile(logsnr))
+    learn(sampler, timesteps.antithetic, 1500, 256, seed=0)
     centres = HI - (torch.arange(40, dtype=torch.float64) + 0.5) * sampler.width
     # the bin mean of the profile, by quadrature inside each bin
     fine = torch.linspace(0, 1, 201, dtype=torch.float64)
@@ -48,10 +54,7 @@ def test_floor_keeps_every_bin_reachable():
 def test_adaptive_importance_sampling_has_lower_variance_than_uniform():
     """Estimating the integral of the profile: w / p importance weights with the learned p beat p uniform."""
     sampler = AdaptiveSampler(LO, HI, AdaptiveConfig(bins=50, ema=0.9))
-    g = torch.Generator().manual_seed(1)
-    for _ in range(300):
-        logsnr, _ = sampler.sample(timesteps.uniform(512, g))
-        sampler.update(logsnr, profile(logsnr))
+    g = learn(sampler, timesteps.uniform, 300, 512, seed=1)
     t = timesteps.uniform(20000, g)
     logsnr, density = sampler.sample(t)
     adaptive = profile(logsnr) / density

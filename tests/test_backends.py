@@ -15,6 +15,7 @@ import torch
 
 from data.stream import Stream
 from launching import DEMO, EXTENSIONS, ROOT, metrics, stop_after_first_record, torchrun, train_argv
+from test_train import both_ranks_noise
 from trainer import checkpoint, config, train
 from trainer.config import ConfigError
 from trainer.experiment import ExperimentConfig
@@ -89,15 +90,8 @@ def reference(runs, data):
     """The same training in one process on the global batch: both ranks' batches and noise concatenated."""
     cfg = config.load(ExperimentConfig, DEMO, settings(data, runs["tmp"] / "unused", "fsdp"))
     streams = [iter(Stream(cfg.data, rank, 2)) for rank in range(2)]
-    draw_noise = train.draw_noise
-
-    def global_noise(cfg, images_seen, rank, world_size, shape):
-        half = (shape[0] // 2, *shape[1:])
-        t, eps = zip(*(draw_noise(cfg, images_seen, r, 2, half) for r in range(2)))
-        return torch.cat(t), torch.cat(eps)
-
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(train, "draw_noise", global_noise)
+        m.setattr(train, "draw_noise", both_ranks_noise(train.draw_noise))
         p = train.build_parts(cfg, 0, 1, torch.device("cpu"))
         for step in range(STEPS):
             batches = [next(s) for s in streams]

@@ -33,6 +33,15 @@ def final_state(store):
     return checkpoint.load_rank(s, "demo", checkpoint.latest_complete(s, "demo"), 0, 2)
 
 
+def both_ranks_noise(draw_noise):
+    """`train.draw_noise` for one process standing in for two ranks: both ranks' t and eps, concatenated."""
+    def draw(cfg, images_seen, rank, world_size, shape):
+        half = (shape[0] // 2, *shape[1:])
+        t, eps = zip(*(draw_noise(cfg, images_seen, r, 2, half) for r in range(2)))
+        return torch.cat(t), torch.cat(eps)
+    return draw
+
+
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
     """Three 2-rank runs of the same config: `full` uninterrupted under torchrun; `stopped` as two processes started
@@ -83,14 +92,7 @@ def test_two_ranks_under_torchrun_equal_one_process_on_the_global_batch(runs, da
     """Replays the run in this process: the two ranks' batches and noise concatenated, one step each."""
     cfg = config.load(ExperimentConfig, DEMO, settings(data, runs["full"]))
     streams = [iter(Stream(cfg.data, rank, 2)) for rank in range(2)]
-    draw_noise = train.draw_noise
-
-    def global_noise(cfg, images_seen, rank, world_size, shape):
-        half = (shape[0] // 2, *shape[1:])
-        t, eps = zip(*(draw_noise(cfg, images_seen, r, 2, half) for r in range(2)))
-        return torch.cat(t), torch.cat(eps)
-
-    monkeypatch.setattr(train, "draw_noise", global_noise)
+    monkeypatch.setattr(train, "draw_noise", both_ranks_noise(train.draw_noise))
     p = train.build_parts(cfg, 0, 1, torch.device("cpu"))
     for step in range(STEPS):
         batches = [next(s) for s in streams]
