@@ -16,6 +16,8 @@ import torch
 
 from data import images, storage, tar, writer
 
+COLOURS = ("RGB", "BGR")  # by flip: a BGR row's bytes in reverse order are the mirrored RGB row
+
 
 def shard_urls(index_url: str, index: dict, template: str = "") -> list[str]:
     """Shard URLs: `template` with {name} filled in when given, else beside the index."""
@@ -51,24 +53,28 @@ class ShardReader:
 
     def __init__(self, urls: list[str], starts: np.ndarray):
         self.urls, self.starts = urls, starts
-        self._next, self._first, self._end = 0, 0, 0  # the open shard holds ids [_first, _end)
-        self._samples: Iterator[dict] | None = None
+        self._next, self._first, self._end = 0, 0, 0  # the open shard holds ids [_first, _end), _next comes next
+        self._stream = self._samples = None
         self._failure = ""
 
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self._stream = self._samples = None
+
     def _open(self, shard: int) -> None:
-        if self._samples is not None:
-            self._samples.close()
-        self._next, self._failure = 0, ""
+        self.close()
         self._first, self._end = int(self.starts[shard]), int(self.starts[shard + 1])
-        self._samples = iterate_shard(self.urls[shard])
+        self._next, self._failure = self._first, ""
+        # the samples straight from the stream, without iterate_shard's generator around them: 0.2 us a sample
+        self._stream = storage.open_read(self.urls[shard])
+        self._samples = tar.samples(self._stream)
 
     def get(self, i: int) -> dict | str:
         """The sample with id `i`, or the reason it cannot be read."""
-        pos = i - self._first
-        if not 0 <= pos < self._end - self._first or pos < self._next:
+        if not self._first <= i < self._end or i < self._next:
             self._open(int(np.searchsorted(self.starts, i, side="right")) - 1)
-            pos = i - self._first
-        while self._samples is not None and self._next <= pos:
+        while self._samples is not None and self._next <= i:
             try:
                 sample = next(self._samples)
             except StopIteration:
@@ -80,7 +86,7 @@ class ShardReader:
                 self._samples, self._failure = None, "truncated_shard"
                 break
             self._next += 1
-            if self._next == pos + 1:
+            if self._next > i:
                 return sample
         return self._failure
 
@@ -98,15 +104,15 @@ def decode_image(data: bytes, ext: str, flip: bool, out: np.ndarray | None = Non
         return out
     try:
         # an image smaller than out fills its start and comes back in its own shape
-        x = simplejpeg.decode_jpeg(data, "BGR" if flip else "RGB", buffer=out)
+        x = simplejpeg.decode_jpeg(data, COLOURS[flip], buffer=out)
     except ValueError:
         if out is None:
             raise
         # too large for out, or damaged: decoded alone, the first comes back in its shape, the second raises again
-        x = simplejpeg.decode_jpeg(data, "BGR" if flip else "RGB")
+        x = simplejpeg.decode_jpeg(data, COLOURS[flip])
     if flip:
-        # Decoded as BGR, each row's bytes in reverse order are the mirrored row in RGB: one reversed byte copy,
-        # which torch vectorizes (about 20 us at 256x256 here, against about 450 us for numpy's x[:, ::-1] copy).
+        # one reversed byte copy, which torch vectorizes (about 20 us at 256x256 here, against about 450 us for
+        # numpy's x[:, ::-1] copy)
         rows = torch.from_numpy(x.reshape(x.shape[0], -1))
         rows.copy_(rows.flip(1))
     return x
@@ -140,45 +146,87 @@ def decode(sample: dict | str, kind: str, flip: bool, out: np.ndarray | None = N
     return x, label
 
 
-def make_batch(raw: list[tuple[int, dict | str, bool]], kind: str, dtype: str) -> dict:
-    """Decode (id, sample, flip) triples into a batch {"x", "label", "index", "bad"}. A sample that cannot be used
-    is replaced by a copy of the batch's first good one, so that batch shapes and stream positions never shift;
-    `bad` counts the replacements by reason.
+def _images(samples: list, flips: list[bool], failed: dict[int, str]) -> tuple[np.ndarray | None, list[int]]:
+    """((B, H, W, 3) uint8 images, mirrored where flipped, or None when none could be read; labels). Unreadable
+    positions are left undefined in both and reported in `failed` (position -> reason).
+
+    The usual sample, a labelled JPEG of the batch's size, takes a short path: decoded straight into its slot,
+    or, when flipped, as BGR into the next slot of a spare buffer: a BGR row's bytes in reverse order are the
+    mirrored RGB row, and the rows of all flipped images are reversed into place by one torch call at the end
+    (per image, the calls cost more than the reversal; reversing them in the batch buffer itself, which no longer
+    fits the cache by then, cost 1-2 us more per image at 64x64). Any other sample (the batch's first, PNG,
+    damaged, unlabelled, another size) goes to `decode`, which decides."""
+    n = len(samples)
+    out = slots = spare = shape = None
+    labels = [0] * n
+    reverse = []  # positions of the images in spare, in order
+    for j in range(n):
+        sample, flip = samples[j], flips[j]
+        if slots is not None:
+            try:
+                label = int(sample["cls"])
+                if flip:
+                    if simplejpeg.decode_jpeg(sample["jpg"], "BGR", buffer=spare[len(reverse)]).shape == shape:
+                        labels[j] = label
+                        reverse.append(j)
+                        continue
+                elif simplejpeg.decode_jpeg(sample["jpg"], "RGB", buffer=slots[j]).shape == shape:
+                    labels[j] = label
+                    continue
+            except Exception:  # a string (the reason), a PNG, damaged bytes...: `decode` tells which
+                pass
+        try:
+            x, labels[j] = decode(sample, "images", flip, slots[j] if slots is not None else None)
+        except images.BadImage as e:
+            failed[j] = e.reason
+            continue
+        if out is None:  # the first good image gives the batch its shape
+            out = np.empty((n, *x.shape), np.uint8)
+            slots, shape = list(out), x.shape
+            spare = np.empty_like(out) if any(flips) else None
+            out[j] = x
+        elif x.shape != shape:
+            raise ValueError(f"images of sizes {shape} and {x.shape} in one batch: stream shards written at a "
+                             f"fixed resolution (these keep the original sizes)")
+    if reverse:
+        m = len(reverse)
+        mirrored = torch.from_numpy(spare[:m]).view(-1, shape[1] * 3).flip(1)
+        out.reshape(n, -1)[reverse] = mirrored.view(m, -1).numpy()
+    return out, labels
+
+
+def _latents(samples: list, flips: list[bool], failed: dict[int, str]) -> tuple[list, list[int]]:
+    items, labels = [None] * len(samples), [0] * len(samples)
+    for j, (sample, flip) in enumerate(zip(samples, flips)):
+        try:
+            items[j], labels[j] = decode(sample, "latents", flip)
+        except images.BadImage as e:
+            failed[j] = e.reason
+    return items, labels
+
+
+def make_batch(ids: list[int], samples: list[dict | str], flips: list[bool], kind: str, dtype: str) -> dict:
+    """Decode the samples with the given ids, mirrored where `flips` says, into a batch {"x", "label", "index",
+    "bad"}. A sample that cannot be used is replaced by a copy of the batch's first good one, so that batch shapes
+    and stream positions never shift; `bad` counts the replacements by reason.
 
     Images are decoded straight into one (B, H, W, 3) buffer, and x is its (B, 3, H, W) view in channels_last
     memory format: converting to a contiguous (B, 3, H, W) array cost 10-25% of the decode time per image."""
-    out = None
-    items: list = []
-    bad: Counter = Counter()
-    for j, (_, sample, flip) in enumerate(raw):
-        try:
-            x, label = decode(sample, kind, flip, out[j] if out is not None else None)
-        except images.BadImage as e:
-            bad[e.reason] += 1
-            items.append(None)
-            continue
-        if kind == "images":
-            if out is None:  # the first good image gives the batch its shape
-                out = np.empty((len(raw), *x.shape), np.uint8)
-                out[j] = x
-            elif x.shape != out.shape[1:]:
-                raise ValueError(f"images of sizes {out.shape[1:]} and {x.shape} in one batch: stream shards "
-                                 f"written at a fixed resolution (these keep the original sizes)")
-        items.append((x, label))
-    good = next((j for j, item in enumerate(items) if item is not None), None)
-    if good is None:
-        raise RuntimeError(f"no sample of the batch with ids {[i for i, _, _ in raw]} could be read: {dict(bad)}")
-    ids = [i if items[j] is not None else raw[good][0] for j, (i, _, _) in enumerate(raw)]
-    for j, item in enumerate(items):
-        if item is None:
-            items[j] = items[good]
-            if out is not None:
-                out[j] = out[good]
-    if out is not None:
-        x = torch.from_numpy(out).permute(0, 3, 1, 2)
+    failed: dict[int, str] = {}
+    x, labels = (_images if kind == "images" else _latents)(samples, flips, failed)
+    if failed:
+        good = next((j for j in range(len(ids)) if j not in failed), None)
+        if good is None:
+            raise RuntimeError(f"no sample of the batch with ids {list(ids)} could be read: "
+                               f"{dict(Counter(failed.values()))}")
+        ids = list(ids)
+        for j in failed:
+            x[j], labels[j], ids[j] = x[good], labels[good], ids[good]
+    if kind == "images":
+        x = torch.from_numpy(x).permute(0, 3, 1, 2)
         if dtype == "float":
             x = x.float().div_(127.5).sub_(1.0)  # keeps the channels_last strides
     else:
-        x = torch.from_numpy(np.stack([item[0] for item in items])).float()
-    return {"x": x, "label": torch.tensor([item[1] for item in items], dtype=torch.int64),
-            "index": torch.tensor(ids, dtype=torch.int64), "bad": dict(bad)}
+        x = torch.from_numpy(np.stack(x)).float()
+    return {"x": x, "label": torch.tensor(labels, dtype=torch.int64), "index": torch.tensor(ids, dtype=torch.int64),
+            "bad": dict(Counter(failed.values()))}

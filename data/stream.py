@@ -81,32 +81,42 @@ class _Slots(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        layout = self.plan.layout
-        w_count, k, size = layout.workers, layout.batches_per_round, layout.batch_size
+        w_count = self.plan.layout.workers
         # A new DataLoader asks worker 0 first, but the rank's next batch belongs to plan worker first % W.
         worker = ((info.id if info is not None else 0) + self.first) % w_count
-        slot = self.rank * w_count + worker
-        shards = reader.ShardReader(self.urls, layout.starts)
-        b = self.first // w_count + (worker < self.first % w_count)
+        shards = reader.ShardReader(self.urls, self.plan.layout.starts)
+        try:
+            yield from self._batches(shards, worker, self.first // w_count + (worker < self.first % w_count))
+        finally:
+            shards.close()
+
+    def _batches(self, shards: reader.ShardReader, worker: int, b: int) -> Iterator[dict]:
+        """The batches of `worker` from its batch b on."""
+        layout = self.plan.layout
+        k, size, block = layout.batches_per_round, layout.batch_size, layout.block
+        slot = self.rank * layout.workers + worker
+        limit = self.config.max_bad_fraction * k * size
         while True:
             t = b // k
             read, order, flips = (a.tolist() for a in self.plan.slot_round(t, slot))
+            if not self.config.flip:
+                flips = [False] * len(flips)
+            held, lo = [], 0  # the samples at read positions [lo, lo + len(held))
             bad = 0
-            cached, samples = -1, []
             for e in range(b % k * size, k * size, size):
-                raw = []
-                for j in range(e, e + size):
-                    # order permutes within blocks, so sample j of the emission comes from j's own block
-                    block = j // layout.block
-                    if block != cached:
-                        cached = block
-                        samples = [shards.get(i) for i in read[block * layout.block:(block + 1) * layout.block]]
-                    pos = order[j]
-                    flip = flips[j] and self.config.flip
-                    raw.append((read[pos], samples[pos - block * layout.block], flip))
-                batch = reader.make_batch(raw, self.kind, self.config.dtype)
+                # order permutes within blocks: the batch needs every block that its positions overlap
+                first, end = e // block * block, min(-(-(e + size) // block) * block, k * size)
+                if lo + len(held) <= first:
+                    held, lo = [], first
+                elif lo < first:
+                    del held[:first - lo]
+                    lo = first
+                held += [shards.get(i) for i in read[lo + len(held):end]]
+                positions = order[e:e + size]
+                batch = reader.make_batch([read[p] for p in positions], [held[p - lo] for p in positions],
+                                          flips[e:e + size], self.kind, self.config.dtype)
                 bad += sum(batch["bad"].values())
-                if bad > self.config.max_bad_fraction * k * size:
+                if bad > limit:
                     raise RuntimeError(
                         f"rank {self.rank} worker {worker}: {bad} of the {k * size} samples it reads in round {t} "
                         f"are bad so far, over max_bad_fraction={self.config.max_bad_fraction} "

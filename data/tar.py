@@ -9,11 +9,14 @@ links) are skipped, as WebDataset skips them. A stream that ends inside a member
 """
 from __future__ import annotations
 
+import struct
 from typing import BinaryIO, Iterator
 
 BLOCK = 512
 CHUNK = 1 << 16  # 1 MiB reads measured slower: every chunk is a fresh allocation
 REGULAR = (ord("0"), 0, ord("7"))
+PAX, PAX_GLOBAL, GNU_LONG_NAME = ord("x"), ord("g"), ord("L")
+HEADER = struct.Struct("100s24x11s21xB")  # name, the size's usual 11 octal digits, type
 
 
 class TruncatedTar(EOFError):
@@ -39,75 +42,77 @@ def _number(field: bytes) -> int:
     return int(field.strip(b"\0 ") or b"0", 8)
 
 
-def _text(buf: bytes, start: int, length: int) -> str:
+def _field(buf: bytes, start: int, length: int) -> bytes:
     """A NUL-terminated header field (unterminated when it fills its length)."""
     end = buf.find(0, start, start + length)
-    return buf[start:end if end >= 0 else start + length].decode()
+    return buf[start:end if end >= 0 else start + length]
 
 
-def _pax_path(body: bytes) -> str | None:
+def _pax_path(body: bytes) -> bytes | None:
     path = None
     while body:
         length = int(body.split(b" ", 1)[0])
         record, body = body[:length], body[length:]
         key, _, value = record.split(b" ", 1)[1].partition(b"=")
         if key == b"path":
-            path = value[:-1].decode()
+            path = value[:-1]
     return path
 
 
-def members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular member."""
-    buf, pos, long_name = b"", 0, None
+def samples(stream: BinaryIO) -> Iterator[dict]:
+    """Consecutive regular members with the same key (name up to the first dot of its last part) as one sample:
+    {"__key__": key, extension (lower case): data, ...}. Members and samples in one loop, each header unpacked
+    by one struct call: a generator per layer and a slice per field cost about 1 us per sample, a fifth of it."""
+    buf, pos, have, long_name = b"", 0, 0, None
+    key, sample = None, None
+    unpack = HEADER.unpack_from
     while True:
-        if len(buf) - pos < BLOCK:
+        if have - pos < BLOCK:
             buf, pos = _more(stream, buf[pos:], BLOCK), 0
-            if not buf:  # end of the stream, cut between members
-                return
-            if len(buf) < BLOCK:
-                raise TruncatedTar(f"the tar stream ends inside a header ({len(buf)} of {BLOCK} bytes)")
-        if buf[pos] == 0 and buf.count(0, pos, pos + BLOCK) == BLOCK:  # end of archive
-            return
+            have = len(buf)
+            if not have:  # end of the stream, cut between members
+                break
+            if have < BLOCK:
+                raise TruncatedTar(f"the tar stream ends inside a header ({have} of {BLOCK} bytes)")
+        field, digits, kind = unpack(buf, pos)
+        if not field[0] and buf.count(0, pos, pos + BLOCK) == BLOCK:  # end of archive
+            break
         try:  # the common form: 11 octal digits and a NUL
-            size = int(buf[pos + 124:pos + 135], 8)
+            size = int(digits, 8)
         except ValueError:
             size = _number(buf[pos + 124:pos + 136])
-        end = pos + BLOCK + size + -size % BLOCK  # the data and its padding
-        if end > len(buf):
+        start = pos + BLOCK
+        end = start + size + -size % BLOCK  # the data and its padding
+        if end > have:
             buf, end, pos = _more(stream, buf[pos:], end - pos), end - pos, 0
-            if end > len(buf):
-                got = min(len(buf) - BLOCK, size)
+            have, start = len(buf), BLOCK
+            if end > have:
+                got = min(have - BLOCK, size)
                 raise TruncatedTar(f"the tar stream ends inside a member ({got} of {size} bytes)")
-        kind = buf[pos + 156]
-        if kind in REGULAR and long_name is None:  # the common case first: a name in the header
-            name = _text(buf, pos, 100)
+        if long_name is None and kind in REGULAR:  # the common case first: a name in the header
+            name = field.partition(b"\0")[0]
             if buf[pos + 345] and buf.startswith(b"ustar", pos + 257):
-                name = f"{_text(buf, pos + 345, 155)}/{name}"
-            yield name, buf[pos + BLOCK:pos + BLOCK + size]
-        elif kind == ord("x"):
-            long_name = _pax_path(buf[pos + BLOCK:pos + BLOCK + size]) or long_name
-        elif kind == ord("L"):
-            long_name = buf[pos + BLOCK:pos + BLOCK + size].rstrip(b"\0").decode()
-        elif kind != ord("g"):  # a member named by the pax or GNU record before it, or one we skip
-            if kind in REGULAR:
-                yield long_name, buf[pos + BLOCK:pos + BLOCK + size]
+                name = _field(buf, pos + 345, 155) + b"/" + name
+        elif kind == PAX:
+            long_name = _pax_path(buf[start:start + size]) or long_name
+            name = None
+        elif kind == GNU_LONG_NAME:
+            long_name = buf[start:start + size].rstrip(b"\0")
+            name = None
+        elif kind != PAX_GLOBAL:  # a member named by the pax or GNU record before it, or one we skip
+            name = long_name if kind in REGULAR else None
             long_name = None
+        else:
+            name = None
+        if name is not None:
+            dot = name.find(b".", name.rfind(b"/") + 1)
+            if dot >= 0:
+                if name[:dot] != key:
+                    if sample is not None:
+                        yield sample
+                    key = name[:dot]
+                    sample = {"__key__": key.decode()}
+                sample[name[dot + 1:].decode().lower()] = buf[start:start + size]
         pos = end
-
-
-def samples(stream: BinaryIO) -> Iterator[dict]:
-    """Consecutive members with the same key (name up to the first dot of its last part) as one sample:
-    {"__key__": key, extension (lower case): data, ...}."""
-    sample: dict = {"__key__": None}
-    for name, data in members(stream):
-        dot = name.find(".", name.rfind("/") + 1)
-        if dot < 0:
-            continue
-        key = name[:dot]
-        if sample["__key__"] != key:
-            if len(sample) > 1:
-                yield sample
-            sample = {"__key__": key}
-        sample[name[dot + 1:].lower()] = data
-    if len(sample) > 1:
+    if sample is not None:
         yield sample

@@ -37,14 +37,18 @@ class _RankBatches(IterableDataset):
         first = self.rank * self.per_rank
         end = min(self.num_samples, first + self.per_rank)
         shards = reader.ShardReader(self.urls, self.starts)
-        for b in range(worker * count // workers, (worker + 1) * count // workers):
-            real = list(range(first + b * size, min(end, first + (b + 1) * size)))
-            # padding repeats a real sample of the batch (or sample 0 when a rank has none left)
-            ids = real + [real[0] if real else 0] * (size - len(real))
-            batch = reader.make_batch([(i, shards.get(i), False) for i in ids], self.kind, self.config.dtype)
-            # a bad sample comes back as a copy of another one (another index): it must not count twice either
-            batch["mask"] = (torch.arange(size) < len(real)) & (batch["index"] == torch.tensor(ids))
-            yield batch
+        try:
+            for b in range(worker * count // workers, (worker + 1) * count // workers):
+                real = list(range(first + b * size, min(end, first + (b + 1) * size)))
+                # padding repeats a real sample of the batch (or sample 0 when a rank has none left)
+                ids = real + [real[0] if real else 0] * (size - len(real))
+                samples = [shards.get(i) for i in ids]
+                batch = reader.make_batch(ids, samples, [False] * size, self.kind, self.config.dtype)
+                # a bad sample comes back as a copy of another one (another index): it must not count twice either
+                batch["mask"] = (torch.arange(size) < len(real)) & (batch["index"] == torch.tensor(ids))
+                yield batch
+        finally:
+            shards.close()
 
 
 class ValidationStream:
