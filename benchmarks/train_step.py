@@ -3,26 +3,29 @@
 Step: the loop's body as `trainer.train.train` runs it on one process (the real `train_step` with its seeding,
 gradient clipping and non-finite check, the EMAs of the demo config, the progress counters, the per-bin loss
 totals and `MetricsLog.step` with its progress bar, metrics.jsonl and TensorBoard writes every 8 steps), against
-a bare loop on a copy of the same network: the same weighted loss on the same batch, backward, gradient clipping
-to the configured norm and AdamW with the same parameter groups (the optimizer recipe every config sets, not a
-cost of the loop), nothing else; and `train_step` alone, to tell the step's own additions from the loop's bookkeeping. The three
+a bare loop on the same network object and its optimizer: the same weighted loss on the same batch, backward,
+gradient clipping to the configured norm and the same AdamW (the optimizer recipe every config sets, not a cost of
+the loop), nothing else; and `train_step` alone, to tell the step's own additions from the loop's bookkeeping. The three
 take turns step by step; the overhead is the median, over those turns, of the ratio of step times, in wall
-seconds and in CPU seconds of this process (the steadier one on a shared machine).
+seconds and in CPU seconds of this process (the steadier one on a shared machine). One thread by default: each
+demo rank runs with one (torchrun sets OMP_NUM_THREADS=1), and a second thread's spin-waits make CPU time
+depend on what else the machine runs. The process uses the trainer's CPU allocator setting
+(`trainer.train.keep_freed_memory`), for both sides.
 
 Checkpoint: `trainer.train.save_checkpoint` of the demo state, timed for a local store and for S3 (a moto server
 started here as a separate process on 127.0.0.1). Training waits for the whole write, so the stall per checkpoint
 is the write time; it is given as a multiple of one step and as a fraction of the training time between two
 checkpoints at the demo's checkpoint interval.
 
-    .venv/bin/python -m benchmarks.train_step [--steps 60 --writes 3 --threads 2]
+    .venv/bin/python -m benchmarks.train_step [--steps 200 --writes 3 --threads 1]
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -38,7 +41,7 @@ import torch
 from data import demo
 from data.stream import Stream
 from models import objective
-from trainer import config, parallel, train
+from trainer import config, train
 from trainer.experiment import ExperimentConfig
 from trainer.metrics import MetricsLog
 from trainer.store import open_store
@@ -90,12 +93,17 @@ def quartiles(xs: list[float]) -> list[float]:
     return [q[0], q[1], q[2]]
 
 
+def median_interval(xs: list[float], resamples: int = 2000) -> list[float]:
+    """A 95% bootstrap interval of the median: how far the reported median could move in a rerun."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples)]]
+
+
 def step_overhead(p: train.Parts, store, steps: int) -> dict:
     """The loop, `train_step` alone and the bare loop take turns step by step, so all three meet the same load;
     each ratio to the bare loop is over steps taken side by side."""
     cfg = p.cfg
-    bare = copy.deepcopy(p.module)
-    bare_opt = parallel.build_optimizer(bare, cfg.optimizer)  # the same AdamW parameter groups
     g = torch.Generator().manual_seed(0)
     n = cfg.data.batch_size
     res = cfg.network.build_config().resolution
@@ -106,7 +114,7 @@ def step_overhead(p: train.Parts, store, steps: int) -> dict:
     with MetricsLog(store, cfg, 0, True, p.device) as metrics:
         sides = {"loop": lambda: loop_step(p, metrics, progress, batch),
                  "train_step": lambda: train.train_step(p, batch, progress.images_seen),
-                 "bare": lambda: bare_step(bare, bare_opt, cfg, p.sampler, p.weight, batch)}
+                 "bare": lambda: bare_step(p.module, p.backend.optimizer, cfg, p.sampler, p.weight, batch)}
         for _ in range(3):  # warm-up: allocator, first AdamW state
             for side in sides.values():
                 side()
@@ -119,6 +127,7 @@ def step_overhead(p: train.Parts, store, steps: int) -> dict:
         for name in names[:2]:
             ratios = [a[c] / b[c] for a, b in zip(times[name], times["bare"])]
             result[clock][f"{name}_over_bare_quartiles"] = quartiles(ratios)
+            result[clock][f"{name}_over_bare_median_95"] = median_interval(ratios)
     return result
 
 
@@ -148,11 +157,12 @@ def checkpoint_cost(p: train.Parts, store, step_s: float, writes: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60, help="steps timed on each side")
+    parser.add_argument("--steps", type=int, default=200, help="steps timed on each side")
     parser.add_argument("--writes", type=int, default=3, help="checkpoints written per store")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    train.keep_freed_memory()  # as `elbodiff train` does on CPU; the bare loop runs in the same process
     with tempfile.TemporaryDirectory(prefix="elbodiff-bench-") as tmp:
         demo.write(f"{tmp}/data", num_images=256, samples_per_shard=128)
         cfg = demo_config(f"{tmp}/data", f"{tmp}/runs")
