@@ -160,17 +160,17 @@ def _images(samples: list, flips: list[bool], failed: dict[int, str]) -> tuple[n
     out = slots = spare = shape = None
     labels = [0] * n
     reverse = []  # positions of the images in spare, in order
-    for j in range(n):
-        sample, flip = samples[j], flips[j]
+    decode_jpeg = simplejpeg.decode_jpeg
+    for j, (sample, flip) in enumerate(zip(samples, flips)):
         if slots is not None:
             try:
                 label = int(sample["cls"])
                 if flip:
-                    if simplejpeg.decode_jpeg(sample["jpg"], "BGR", buffer=spare[len(reverse)]).shape == shape:
+                    if decode_jpeg(sample["jpg"], "BGR", buffer=spare[len(reverse)]).shape == shape:
                         labels[j] = label
                         reverse.append(j)
                         continue
-                elif simplejpeg.decode_jpeg(sample["jpg"], "RGB", buffer=slots[j]).shape == shape:
+                elif decode_jpeg(sample["jpg"], "RGB", buffer=slots[j]).shape == shape:
                     labels[j] = label
                     continue
             except Exception:  # a string (the reason), a PNG, damaged bytes...: `decode` tells which
