@@ -78,9 +78,9 @@ def test_float_batches_are_in_minus_one_one_and_flips_mirror_the_image(tmp_path)
     assert 5 < sum(mirrored) < 25
 
 
-def jpeg_shard(out, sizes):
+def jpeg_shard(out, sizes, damaged=None):
     """One shard of JPEG samples of the given (height, width) sizes, labelled by position; returns the index path
-    and the JPEG bytes."""
+    and the JPEG bytes. `damaged` maps positions to members ({"jpg": ..., "cls": ...}) written instead of theirs."""
     import simplejpeg
 
     out.mkdir()
@@ -88,7 +88,8 @@ def jpeg_shard(out, sizes):
     jpegs = [simplejpeg.encode_jpeg(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 90) for h, w in sizes]
     with tarfile.open(out / "shard-000000.tar", "w") as tar:
         for i, data in enumerate(jpegs):
-            for name, member in ((f"{i:09d}.jpg", data), (f"{i:09d}.cls", str(i).encode())):
+            members = {"jpg": data, "cls": str(i).encode(), **(damaged or {}).get(i, {})}
+            for name, member in ((f"{i:09d}.{ext}", member) for ext, member in members.items()):
                 info = tarfile.TarInfo(name)
                 info.size = len(member)
                 tar.addfile(info, io.BytesIO(member))
@@ -115,6 +116,25 @@ def test_jpeg_batches_are_channels_last_views_equal_to_the_exact_decode_mirrored
     floats = take(Stream(StreamConfig(index=index, batch_size=40, num_workers=0)), 1)[0]["x"]
     assert floats.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(floats, x.float() / 127.5 - 1)
+
+
+def test_flipped_jpeg_batches_replace_bad_samples_by_a_copy_of_a_good_one(tmp_path):
+    import simplejpeg
+
+    index, jpegs = jpeg_shard(tmp_path / "j", [(24, 40)] * 40, {5: {"jpg": b"\xff\xd8 not a jpeg"}, 9: {"cls": b"x"}})
+    stream = Stream(StreamConfig(index=index, batch_size=40, num_workers=0, dtype="uint8", max_bad_fraction=0.5))
+    batch = take(stream, 1)[0]
+    assert dict(stream.bad) == {"decode_error": 1, "no_label": 1}
+    ids = batch["index"].tolist()
+    assert 5 not in ids and 9 not in ids and len(set(ids)) == 38
+    flipped = 0
+    for image, label, i in zip(batch["x"], batch["label"], ids):
+        exact = torch.from_numpy(simplejpeg.decode_jpeg(jpegs[i], "RGB")).permute(2, 0, 1)
+        assert int(label) == i and (torch.equal(image, exact) or torch.equal(image, exact.flip(2)))
+        flipped += not torch.equal(image, exact)
+    assert 5 < flipped < 35
+    copies = [j for j, i in enumerate(ids) if ids.index(i) != j]
+    assert len(copies) == 2 and all(torch.equal(batch["x"][j], batch["x"][ids.index(ids[j])]) for j in copies)
 
 
 @pytest.mark.parametrize("other", [(16, 40), (32, 40)], ids=["smaller", "larger"])
