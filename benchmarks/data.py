@@ -1,9 +1,13 @@
 """Reading speed of our shards against an ImageFolder-style dataset, and the JPEG decoders, on one CPU core.
 
 Prints JSON. Source images are synthetic photographs (smooth structure plus grain, so JPEG sizes are like
-ImageNet's), written by `elbodiff shards` at 64 and 256; the ImageFolder-style set holds the very same JPEG bytes as
-one file per image, read with PIL through a torch DataLoader. Both sides run in the main process (num_workers=0,
-one torch thread), timed in CPU seconds of the process: images/s per core. The decode ceiling is the chosen
+ImageNet's), written by `elbodiff shards` at 64 and 256. Two baselines, both torchvision's ImageFolder with PIL
+decode, a random flip and a torch DataLoader: `imagefolder` over the very same JPEG bytes as our shards, one file
+per image (what the shard format and reader add or save, the decode being equal), and `imagefolder_source` over
+the source JPEGs with the same ADM/EDM centre crop done in the transform (the pipeline of DiT's and ADM's training
+scripts, which the shards replace). Everything runs in the main process (num_workers=0, one torch thread, the
+trainer's malloc setting), timed in CPU seconds of the process: images/s per core. Our side is one stream read
+round after round, as in a run: each round an epoch's worth of batches. The decode ceiling is the chosen
 decoder alone on the same bytes in memory, exact settings, the faster of writing every image into one reused buffer
 and into a new array dropped at once; pipelines and decoders are timed in the same interleaved rounds.
 
@@ -19,17 +23,22 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 
 import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
+import torchvision
+from torchvision import transforms
 from torchvision.io import decode_jpeg
 
 from data import shards
+from data.images import centre_crop
 from data.reader import iterate_shard
 from data.stream import Stream, StreamConfig
+from trainer import train
 
 
 def synthetic_photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -39,18 +48,10 @@ def synthetic_photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(smooth + grain, 0, 255).astype(np.uint8)
 
 
-class ImageFolderStyle(torch.utils.data.Dataset):
-    def __init__(self, files: list[tuple[str, int]]):
-        self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        path, label = self.files[i]
-        with Image.open(path) as image:
-            x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-        return x, label
+def imagefolder(root: Path, *crop: Callable) -> torchvision.datasets.ImageFolder:
+    """torchvision's ImageFolder with the transforms of a DiT / ADM training script: (crop,) random flip, uint8."""
+    return torchvision.datasets.ImageFolder(str(root), transform=transforms.Compose(
+        [*crop, transforms.RandomHorizontalFlip(), transforms.PILToTensor()]))
 
 
 def best_rates(runs: dict, counts: dict, rounds: int = 15) -> dict:
@@ -65,28 +66,33 @@ def best_rates(runs: dict, counts: dict, rounds: int = 15) -> dict:
     return {name: counts[name] / seconds for name, seconds in best.items()}
 
 
-def measure(out: Path, count: int, batch: int) -> dict:
+def measure(src: Path, out: Path, resolution: int, batch: int) -> dict:
     members = [(s["__key__"], s["jpg"], int(s["cls"])) for name in sorted(out.glob("shard-*.tar"))
                for s in iterate_shard(str(name))]
     folder = out / "folder"
-    files = []
     for key, data, label in members:
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
-        path = folder / str(label) / f"{key}.jpg"
-        path.write_bytes(data)
-        files.append((str(path), label))
+        (folder / str(label) / f"{key}.jpg").write_bytes(data)
     n = len(members) // batch * batch
 
-    def ours():
-        it = iter(Stream(StreamConfig(index=str(out), batch_size=batch, num_workers=0, dtype="uint8")))
-        for _ in range(n // batch):
-            next(it)
+    # One stream for all rounds, as a run has: each round reads an epoch's worth of batches from where the last
+    # stopped (the new epoch's plan included); opening the index and shards once, 5-8 ms, is outside the rounds.
+    stream = iter(Stream(StreamConfig(index=str(out), batch_size=batch, num_workers=0, dtype="uint8")))
+    next(stream)
 
-    def folder_style():
-        loader = torch.utils.data.DataLoader(ImageFolderStyle(files), batch_size=batch, shuffle=True,
-                                             num_workers=0, drop_last=True)
-        for _ in loader:
-            pass
+    def ours():
+        for _ in range(n // batch):
+            next(stream)
+
+    def baseline(dataset):
+        def run():
+            for _ in torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0,
+                                                 drop_last=True):
+                pass
+        return run
+
+    pipelines = {"ours": ours, "imagefolder": baseline(imagefolder(folder)),
+                 "imagefolder_source": baseline(imagefolder(src, lambda image: centre_crop(image, resolution)))}
 
     payloads = [data for _, data, _ in members]
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in payloads]
@@ -108,8 +114,8 @@ def measure(out: Path, count: int, batch: int) -> dict:
         "torchvision.io.decode_jpeg": each(decode_jpeg, tensors),
     }
     # pipelines and decoders in the same rounds, so that their ratios see the same load
-    rates = best_rates({"ours": ours, "imagefolder": folder_style, **decoders},
-                       {"ours": n, "imagefolder": n, **{name: len(payloads) for name in decoders}})
+    rates = best_rates({**pipelines, **decoders}, {**{name: n for name in pipelines},
+                                                   **{name: len(payloads) for name in decoders}})
     # the fast options trade exactness for speed: how far their pixels are from the exact decode
     errors = np.concatenate([
         np.abs(simplejpeg.decode_jpeg(d, "RGB", fastdct=True, fastupsample=True).astype(np.int16)
@@ -121,6 +127,9 @@ def measure(out: Path, count: int, batch: int) -> dict:
         "ours_images_per_cpu_s": rates["ours"],
         "imagefolder_images_per_cpu_s": rates["imagefolder"],
         "ratio_to_imagefolder": rates["ours"] / rates["imagefolder"],
+        "mean_source_jpeg_bytes": int(np.mean([p.stat().st_size for p in src.rglob("*.JPEG")])),
+        "imagefolder_source_images_per_cpu_s": rates["imagefolder_source"],
+        "ratio_to_imagefolder_source": rates["ours"] / rates["imagefolder_source"],
         "decode_ceiling_images_per_cpu_s": ceiling,
         "fraction_of_decode_ceiling": rates["ours"] / ceiling,
         "decoders_in_memory_images_per_cpu_s": {name: rates[name] for name in decoders},
@@ -134,6 +143,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    train.keep_freed_memory()  # as in `elbodiff train` and its forked DataLoader workers; for every side alike
     rng = np.random.default_rng(0)
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch_threads": 1, "resolutions": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +157,7 @@ def main() -> None:
             out = Path(tmp, f"r{resolution}")
             shards.write(str(src), str(out), resolution=resolution, samples_per_shard=250,
                          processes=os.cpu_count() or 1)
-            report["resolutions"][str(resolution)] = measure(out, args.images, batch=50)
+            report["resolutions"][str(resolution)] = measure(src, out, resolution, batch=50)
     print(json.dumps(report, indent=1))
 
 
