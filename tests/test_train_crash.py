@@ -47,7 +47,7 @@ def worker_pid(launcher: subprocess.Popen, rank: int, deadline: float) -> int:
             for pid in children:
                 if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
                     return int(pid)
-        except FileNotFoundError:  # a child that just exited
+        except (FileNotFoundError, ProcessLookupError):  # a child that just exited (or is exiting)
             pass
         time.sleep(0.01)
     raise AssertionError(f"torchrun started no rank {rank} worker")
