@@ -367,7 +367,7 @@ def test_dataloader_workers_survive_the_stop_signal_meant_for_their_rank(tmp_pat
     import psutil
 
     index = uneven_shards(tmp_path, [40, 40])
-    before = set(psutil.Process().children())  # other tests may have left helpers behind (resource trackers)
+    before = set(psutil.Process().children())  # other tests may have left processes behind (resource trackers)
     stream = iter(Stream(StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=8)))
     next(stream)
     workers = set(psutil.Process().children()) - before
