@@ -14,23 +14,14 @@ import pytest
 import torch
 
 from data.stream import Stream
-from launching import DEMO, EXTENSIONS, ROOT, metrics, stop_after_first_record, torchrun, train_argv
+from launching import DEMO, EXTENSIONS, GLOBAL_BATCH, ROOT, TINY, metrics, stop_after_first_record, torchrun, train_argv
 from test_train import both_ranks_noise
 from trainer import checkpoint, config, train
 from trainer.config import ConfigError
 from trainer.experiment import ExperimentConfig
 from trainer.store import open_store
 
-# A network small enough that a step takes milliseconds; dropout off so that one process on the global batch must
-# match two ranks; the adaptive sampler, whose statistics are all-reduced and resumed. Its class embedding has 11
-# rows and its position embeddings one, so FSDP2 shards some parameters unevenly and leaves rank 1 empty-handed on
-# others.
-TINY = ["objective.importance=adaptive", "data.batch_size=4", "data.shuffle_buffer=16",
-        "network.overrides.channels=[16,32]", "network.overrides.transformer_channels=32",
-        "network.overrides.transformer_depth=1", "network.overrides.head_channels=16",
-        "network.overrides.emb_channels=32", "network.overrides.norm_groups=4", "network.overrides.label_dropout=0.0",
-        "log_every_images=8", "sample_steps=4", "checkpoint.every_images=32", "optimizer.warmup_images=16"]
-STEPS, GLOBAL_BATCH = 12, 8  # two ranks x data.batch_size
+STEPS = 12
 BACKENDS = {"fsdp": ["parallel.backend=fsdp"],
             # two shard groups of one rank each: the replicate dimension all-reduces, the shard one is trivial
             "hybrid": ["parallel.backend=fsdp", "parallel.fsdp_shard=hybrid", "parallel.shard_group_size=1"],
@@ -40,8 +31,8 @@ NAN_AT, NAN_STEPS = 8, 3  # the second of three steps has a non-finite network o
 
 
 def settings(data, store, backend, total=STEPS * GLOBAL_BATCH, sample_every=STEPS * GLOBAL_BATCH):
-    return [*TINY, *{"ddp": [], **BACKENDS}[backend], f"data.index={data}", f"store={store}", f"total_images={total}",
-            f"sample_every_images={sample_every}"]
+    return [*TINY, "checkpoint.every_images=32", *{"ddp": [], **BACKENDS}[backend], f"data.index={data}",
+            f"store={store}", f"total_images={total}", f"sample_every_images={sample_every}"]
 
 
 @pytest.fixture(scope="session")

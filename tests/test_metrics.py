@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from data import demo
 from data.stream import Stream
 from s3server import BUCKET, s3_endpoint  # noqa: F401  (pytest fixture)
-from test_train import DEMO, TINY
+from launching import DEMO, TINY
 from trainer import config, metrics, train
 from trainer.experiment import ExperimentConfig
 from trainer.metrics import MetricsLog

@@ -10,25 +10,17 @@ from PIL import Image
 from data import demo
 from data.stream import Stream
 from launch.cli import main as cli
-from launching import DEMO, metrics, stop_after_first_record, torchrun, train_argv
+from launching import DEMO, GLOBAL_BATCH, TINY, metrics, stop_after_first_record, torchrun, train_argv
 from trainer import checkpoint, config, train
 from trainer.experiment import ExperimentConfig
 from trainer.store import open_store
 
-# The demo config with a network small enough that a step takes milliseconds; dropout off so that one process
-# on the global batch must match two ranks; the adaptive sampler, whose bin statistics are all-reduced and whose
-# table is part of the resume state.
-TINY = ["objective.importance=adaptive", "data.batch_size=4", "data.shuffle_buffer=16",
-        "network.overrides.channels=[16,32]", "network.overrides.transformer_channels=32",
-        "network.overrides.transformer_depth=1", "network.overrides.head_channels=16",
-        "network.overrides.emb_channels=32", "network.overrides.norm_groups=4", "network.overrides.label_dropout=0.0",
-        "log_every_images=8", "sample_steps=4", "checkpoint.every_images=64", "optimizer.warmup_images=16"]
-STEPS, GLOBAL_BATCH = 24, 8  # two ranks x data.batch_size
+STEPS, CHECKPOINT_EVERY = 24, 64  # steps of the run; images between checkpoints
 
 
 def settings(data, store, total=STEPS * GLOBAL_BATCH, sample_every=STEPS * GLOBAL_BATCH):
-    return [*TINY, f"data.index={data}", f"store={store}", f"total_images={total}",
-            f"sample_every_images={sample_every}"]
+    return [*TINY, f"checkpoint.every_images={CHECKPOINT_EVERY}", f"data.index={data}", f"store={store}",
+            f"total_images={total}", f"sample_every_images={sample_every}"]
 
 
 def final_state(store):

@@ -17,12 +17,12 @@ import boto3
 import pytest
 
 from s3server import BUCKET, s3_endpoint  # noqa: F401  (pytest fixture)
-from launching import ROOT, environment, train_argv
-from test_train import GLOBAL_BATCH, settings
+from launching import GLOBAL_BATCH, ROOT, environment, train_argv
+from test_train import settings
 from trainer import checkpoint
 from trainer.store import open_store
 
-STEPS = 32  # checkpoints every 8 steps (TINY's checkpoint.every_images)
+STEPS = 32  # checkpoints every 8 steps (test_train's CHECKPOINT_EVERY)
 CHECKPOINT_STEPS = 8
 LOSS_KEYS = ("images_seen", "loss", "grad_norm", "lr", "loss_by_logsnr")
 
