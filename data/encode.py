@@ -79,7 +79,7 @@ def make_latent_shard(url: str, tar_path: str) -> dict:
 def write(shards: str, out: str, *, vae: str, scale: float, shift: float = 0.0, processes: int = 0,
           overwrite: bool = False) -> dict:
     """`processes` 0 means one per GPU, or one on a machine without GPUs."""
-    index, urls = reader.open_index(shards)
+    index, urls, _ = reader.open_index(shards)
     if index["kind"] != "images":
         raise ValueError(f"{shards} holds {index['kind']}, not images: encode image shards")
     if not os.path.isdir(vae):

@@ -14,28 +14,34 @@ import numpy as np
 import simplejpeg
 import torch
 
-from data import images, storage, tar, writer
+from data import images, members, storage, tar, writer
 
 COLOURS = ("RGB", "BGR")  # by flip: a BGR row's bytes in reverse order are the mirrored RGB row
 
 
-def shard_urls(index_url: str, index: dict, template: str = "") -> list[str]:
-    """Shard URLs: `template` with {name} filled in when given, else beside the index."""
+def shard_urls(index_url: str, index: dict, template: str = "") -> tuple[list[str], list[str | None]]:
+    """URLs of the shards and of their member tables (None for a shard without one): `template` with {name}
+    filled in when given, else beside the index."""
     if template:
         if "{name}" not in template:
             raise ValueError(f"shard URL template {template!r} must contain '{{name}}'")
-        return [template.format(name=s["name"]) for s in index["shards"]]
-    base = index_url if not index_url.endswith(".json") else storage.parent(index_url)
-    return [storage.join(base, s["name"]) for s in index["shards"]]
+        url = template.format
+    else:
+        base = index_url if not index_url.endswith(".json") else storage.parent(index_url)
+        url = lambda name: storage.join(base, name)  # noqa: E731
+    shards = index["shards"]
+    return ([url(name=s["name"]) for s in shards],
+            [url(name=s["members"]["name"]) if "members" in s else None for s in shards])
 
 
-def open_index(index_url: str, template: str = "") -> tuple[dict, list[str]]:
+def open_index(index_url: str, template: str = "") -> tuple[dict, list[str], list[str | None]]:
+    """The index, the shard URLs and their member-table URLs."""
     index = writer.load_index(index_url)
     if not index.get("complete"):
         raise ValueError(f"the shard index at {index_url} is incomplete: the writer was interrupted; rerun it")
     if index["num_samples"] == 0:
         raise ValueError(f"the shard index at {index_url} lists no samples")
-    return index, shard_urls(index_url, index, template)
+    return (index, *shard_urls(index_url, index, template))
 
 
 def iterate_shard(url: str) -> Iterator[dict]:
@@ -48,32 +54,42 @@ def iterate_shard(url: str) -> Iterator[dict]:
 
 class ShardReader:
     """Samples by id, read forward through one shard at a time: ids that move forward within a shard cost one
-    pass over it; going back or to another shard reopens. A missing shard is an error (the index and the store
-    disagree); a shard that breaks off (truncated, damaged) yields the reason for each sample it still owed."""
+    pass over it; going back or to another shard reopens. A shard with a member table (`data.members`) is read
+    in chunks without parsing its tar headers, any other through `data.tar`. A missing shard or table is an
+    error (the index and the store disagree); a shard that breaks off (truncated, damaged) yields the reason for
+    each sample it still owed."""
 
-    def __init__(self, urls: list[str], starts: np.ndarray):
+    def __init__(self, urls: list[str], starts: np.ndarray, tables: list[str | None] | None = None):
         self.urls, self.starts = urls, starts
+        self.tables = tables or [None] * len(urls)
         self._next, self._first, self._end = 0, 0, 0  # the open shard holds ids [_first, _end), _next comes next
-        self._stream = self._samples = None
+        self._stream = self._samples = self._chunks = None
         self._failure = ""
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.close()
-        self._stream = self._samples = None
+        self._stream = self._samples = self._chunks = None
 
     def _open(self, shard: int) -> None:
         self.close()
         self._first, self._end = int(self.starts[shard]), int(self.starts[shard + 1])
         self._next, self._failure = self._first, ""
-        # the samples straight from the stream, without iterate_shard's generator around them: 0.2 us a sample
+        table = members.load(self.tables[shard]) if self.tables[shard] is not None else None
         self._stream = storage.open_read(self.urls[shard])
-        self._samples = tar.samples(self._stream)
+        if table is not None:
+            self._chunks = members.Chunks(self._stream, table)
+        else:
+            # the samples straight from the stream, without iterate_shard's generator around them: 0.2 us a sample
+            self._samples = tar.samples(self._stream)
 
     def get(self, i: int) -> dict | str:
         """The sample with id `i`, or the reason it cannot be read."""
         if not self._first <= i < self._end or i < self._next:
             self._open(int(np.searchsorted(self.starts, i, side="right")) - 1)
+        if self._chunks is not None:
+            self._next = i + 1
+            return self._chunks.sample(i - self._first)
         while self._samples is not None and self._next <= i:
             try:
                 sample = next(self._samples)
@@ -146,21 +162,46 @@ def decode(sample: dict | str, kind: str, flip: bool, out: np.ndarray | None = N
     return x, label
 
 
+def _jpeg_shape(samples: list) -> tuple[int, int, int] | None:
+    """(H, W, 3) from the header of the first labelled JPEG among the samples, if any."""
+    for sample in samples:
+        try:
+            if "cls" in sample:
+                height, width = simplejpeg.decode_jpeg_header(sample["jpg"])[:2]
+                return height, width, 3
+        except Exception:  # a string (the reason), a PNG, damaged bytes...: the next sample may do
+            pass
+    return None
+
+
 def _images(samples: list, flips: list[bool], failed: dict[int, str]) -> tuple[np.ndarray | None, list[int]]:
     """((B, H, W, 3) uint8 images, mirrored where flipped, or None when none could be read; labels). Unreadable
     positions are left undefined in both and reported in `failed` (position -> reason).
 
-    The usual sample, a labelled JPEG of the batch's size, takes a short path: decoded straight into its slot,
-    or, when flipped, as BGR into the next slot of a spare buffer: a BGR row's bytes in reverse order are the
-    mirrored RGB row, and the rows of all flipped images are reversed into place by one torch call at the end
-    (per image, the calls cost more than the reversal; reversing them in the batch buffer itself, which no longer
-    fits the cache by then, cost 0.7 us more per image at 64x64 and 7 at 256x256). Any other sample (the batch's
-    first, PNG, damaged, unlabelled, another size) goes to `decode`, which decides."""
+    The batch's size comes from the first JPEG header, so that the usual sample, a labelled JPEG of that size,
+    always takes the short path: decoded straight into its slot, or, when flipped, as BGR into the next slot of a
+    spare buffer: a BGR row's bytes in reverse order are the mirrored RGB row, and the rows of all flipped images
+    are reversed into place by one torch call at the end (per image, the calls cost more than the reversal;
+    reversing them in the batch buffer itself, which no longer fits the cache by then, cost 0.7 us more per image
+    at 64x64 and 7 at 256x256; decoding into one small buffer and copying mirrored into the slot cost 2-3 us
+    more per flipped 64x64 image). Any other sample (PNG, damaged, unlabelled, another size) goes to `decode`,
+    which decides; without a JPEG header, the first image decoded gives the size."""
     n = len(samples)
-    out = slots = spare = shape = None
+    out = slots = spare = None
+    shape = _jpeg_shape(samples)
     labels = [0] * n
     reverse = []  # positions of the images in spare, in order
     decode_jpeg = simplejpeg.decode_jpeg
+
+    def allocate(image_shape):
+        nonlocal out, slots, spare, shape
+        shape = image_shape
+        out = np.empty((n, *shape), np.uint8)
+        slots = list(out)
+        spare = np.empty_like(out) if any(flips) else None
+
+    if shape is not None:
+        allocate(shape)
     for j, (sample, flip) in enumerate(zip(samples, flips)):
         if slots is not None:
             try:
@@ -180,10 +221,8 @@ def _images(samples: list, flips: list[bool], failed: dict[int, str]) -> tuple[n
         except images.BadImage as e:
             failed[j] = e.reason
             continue
-        if out is None:  # the first good image gives the batch its shape
-            out = np.empty((n, *x.shape), np.uint8)
-            slots, shape = list(out), x.shape
-            spare = np.empty_like(out) if any(flips) else None
+        if out is None:  # no JPEG header: the first good image gives the batch its shape
+            allocate(x.shape)
             out[j] = x
         elif x.shape != shape:
             raise ValueError(f"images of sizes {shape} and {x.shape} in one batch: stream shards written at a "
@@ -228,5 +267,6 @@ def make_batch(ids: list[int], samples: list[dict | str], flips: list[bool], kin
             x = x.float().div_(127.5).sub_(1.0)  # keeps the channels_last strides
     else:
         x = torch.from_numpy(np.stack(x)).float()
-    return {"x": x, "label": torch.tensor(labels, dtype=torch.int64), "index": torch.tensor(ids, dtype=torch.int64),
-            "bad": dict(Counter(failed.values()))}
+    # through numpy: torch.tensor(list) took 10 us for 50 ints, a quarter of a 64x64 image's decode
+    return {"x": x, "label": torch.from_numpy(np.array(labels, np.int64)),
+            "index": torch.from_numpy(np.array(ids, np.int64)), "bad": dict(Counter(failed.values()))}

@@ -52,13 +52,13 @@ class StreamConfig:
             raise ValueError(f"max_bad_fraction must be in [0, 1], found {self.max_bad_fraction}")
 
 
-def open_shards(config: StreamConfig) -> tuple[dict, list[str]]:
+def open_shards(config: StreamConfig) -> tuple[dict, list[str], list[str | None]]:
     if not config.index:
         raise ValueError("StreamConfig.index is empty: give the shard index (index.json or its folder)")
-    index, urls = reader.open_index(config.index, config.shards)
+    index, urls, tables = reader.open_index(config.index, config.shards)
     if index["kind"] == "latents" and config.dtype == "uint8":
         raise ValueError(f"{config.index} holds latents, which are float: set dtype to 'float'")
-    return index, urls
+    return index, urls, tables
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -76,15 +76,17 @@ def as_made(batch: dict) -> dict:
 class _Slots(IterableDataset):
     """One rank's batches from the rank's batch `first` on; each DataLoader worker emits those of one slot."""
 
-    def __init__(self, plan: Plan, urls: list[str], kind: str, config: StreamConfig, rank: int, first: int):
-        self.plan, self.urls, self.kind, self.config, self.rank, self.first = plan, urls, kind, config, rank, first
+    def __init__(self, plan: Plan, urls: list[str], tables: list[str | None], kind: str, config: StreamConfig,
+                 rank: int, first: int):
+        self.plan, self.urls, self.tables, self.kind = plan, urls, tables, kind
+        self.config, self.rank, self.first = config, rank, first
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         w_count = self.plan.layout.workers
         # A new DataLoader asks worker 0 first, but the rank's next batch belongs to plan worker first % W.
         worker = ((info.id if info is not None else 0) + self.first) % w_count
-        shards = reader.ShardReader(self.urls, self.plan.layout.starts)
+        shards = reader.ShardReader(self.urls, self.plan.layout.starts, self.tables)
         try:
             yield from self._batches(shards, worker, self.first // w_count + (worker < self.first % w_count))
         finally:
@@ -130,7 +132,7 @@ class Stream:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), found {rank}")
         self.config, self.rank = config, rank
-        index, self.urls = open_shards(config)
+        index, self.urls, self.tables = open_shards(config)
         self.kind = index["kind"]
         self.plan = Plan(self._layout(config.seed, world_size, config.num_workers, config.batch_size,
                                       config.shuffle_buffer, [s["count"] for s in index["shards"]]))
@@ -147,7 +149,7 @@ class Stream:
         return self.plan.layout.workers * self.plan.layout.batches_per_round
 
     def __iter__(self) -> Iterator[dict]:
-        slots = _Slots(self.plan, self.urls, self.kind, self.config, self.rank, self.batches)
+        slots = _Slots(self.plan, self.urls, self.tables, self.kind, self.config, self.rank, self.batches)
         if self.config.num_workers == 0:
             # in this process a DataLoader would only pass the batches on, at about 30 us each
             loader = iter(slots)

@@ -23,9 +23,9 @@ class TruncatedTar(EOFError):
     pass
 
 
-def _more(stream: BinaryIO, rest: bytes, n: int) -> bytes:
+def read_at_least(stream: BinaryIO, rest: bytes, n: int) -> bytes:
     """`rest` followed by the next bytes of the stream: at least n in all, fewer only where the stream ends."""
-    parts, have = [rest], len(rest)
+    parts, have = ([rest] if rest else []), len(rest)
     while have < n:
         # streams (pipes, HTTP bodies) may return less than asked before the end
         data = stream.read(max(CHUNK, n - have))
@@ -33,7 +33,8 @@ def _more(stream: BinaryIO, rest: bytes, n: int) -> bytes:
             break
         parts.append(data)
         have += len(data)
-    return b"".join(parts)
+    # one part is returned as it is: joining would copy it
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _number(field: bytes) -> int:
@@ -68,7 +69,7 @@ def samples(stream: BinaryIO) -> Iterator[dict]:
     unpack = HEADER.unpack_from
     while True:
         if have - pos < BLOCK:
-            buf, pos = _more(stream, buf[pos:], BLOCK), 0
+            buf, pos = read_at_least(stream, buf[pos:], BLOCK), 0
             have = len(buf)
             if not have:  # end of the stream, cut between members
                 break
@@ -84,7 +85,7 @@ def samples(stream: BinaryIO) -> Iterator[dict]:
         start = pos + BLOCK
         end = start + size + -size % BLOCK  # the data and its padding
         if end > have:
-            buf, end, pos = _more(stream, buf[pos:], end - pos), end - pos, 0
+            buf, end, pos = read_at_least(stream, buf[pos:], end - pos), end - pos, 0
             have, start = len(buf), BLOCK
             if end > have:
                 got = min(have - BLOCK, size)

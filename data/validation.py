@@ -21,8 +21,9 @@ from data.stream import StreamConfig, as_made, ignore_stop_signals, open_shards
 
 
 class _RankBatches(IterableDataset):
-    def __init__(self, urls: list[str], counts: list[int], kind: str, config: StreamConfig, rank: int, world: int):
-        self.urls, self.kind, self.config, self.rank = urls, kind, config, rank
+    def __init__(self, urls: list[str], tables: list[str | None], counts: list[int], kind: str,
+                 config: StreamConfig, rank: int, world: int):
+        self.urls, self.tables, self.kind, self.config, self.rank = urls, tables, kind, config, rank
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_samples = int(self.starts[-1])
         self.per_rank = math.ceil(self.num_samples / world)
@@ -36,7 +37,7 @@ class _RankBatches(IterableDataset):
         size, count = self.config.batch_size, len(self)
         first = self.rank * self.per_rank
         end = min(self.num_samples, first + self.per_rank)
-        shards = reader.ShardReader(self.urls, self.starts)
+        shards = reader.ShardReader(self.urls, self.starts, self.tables)
         try:
             for b in range(worker * count // workers, (worker + 1) * count // workers):
                 real = list(range(first + b * size, min(end, first + (b + 1) * size)))
@@ -56,9 +57,9 @@ class ValidationStream:
     Only index, batch_size, num_workers, dtype and shards of the config are used."""
 
     def __init__(self, config: StreamConfig, rank: int = 0, world_size: int = 1):
-        index, urls = open_shards(config)
+        index, urls, tables = open_shards(config)
         counts = [s["count"] for s in index["shards"]]
-        self.batches = _RankBatches(urls, counts, index["kind"], config, rank, world_size)
+        self.batches = _RankBatches(urls, tables, counts, index["kind"], config, rank, world_size)
         self.bad: dict = {}
 
     def __len__(self) -> int:

@@ -1,10 +1,11 @@
 """Writing a set of tar shards and their index, in parallel processes, resumably.
 
 The index (`index.json` beside the shards) is what readers plan from: shard names (relative to the index),
-sample counts, class counts, sha256 per shard, the settings that made them, and the bad-input counts. It is
-rewritten after every finished shard with `"complete": false`, and a last time with `true`. A rerun keeps every
-shard the index lists whose stored sha256 still matches, and rewrites the rest; shards are written to a temporary
-file and published whole (rename, or one S3 PUT), so an interruption never leaves half a shard under its name.
+sample counts, class counts, sha256 per shard and per member table (`data.members`), the settings that made them,
+and the bad-input counts. It is rewritten after every finished shard with `"complete": false`, and a last time
+with `true`. A rerun keeps every shard the index lists whose stored files still have their sha256, and rewrites
+the rest; files are written to a temporary file and published whole (rename, or one S3 PUT), so an interruption
+never leaves half a shard under its name.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import tempfile
 from collections import Counter
 from typing import Any, Callable, Sequence
 
-from data import storage
+from data import members, storage
 
 INDEX_NAME = "index.json"
 
@@ -53,18 +54,47 @@ def _sum(records: Sequence[dict], key: str) -> dict:
     return dict(sorted(total.items()))
 
 
-def _run(job: tuple[MakeShard, str, str, Any]) -> dict:
-    make_shard, name, url, payload = job
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tar", dir=storage.temp_dir(url))
+def _publish(path: str, url: str) -> str:
+    sha = storage.file_sha256(path)
+    storage.put_file(path, url, sha)
+    return sha
+
+
+def _temp(url: str, suffix: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=storage.temp_dir(url))
     os.close(fd)
+    return path
+
+
+def _run(job: tuple[MakeShard, str, str, Any]) -> dict:
+    """Write one shard and, for an image shard, its member table; the table goes first, so that a shard is
+    never listed without it."""
+    make_shard, out, name, payload = job
+    url = storage.join(out, name)
+    tmp, table_tmp = _temp(url, ".tar"), _temp(url, members.SUFFIX)
     try:
         record = make_shard(payload, tmp)
-        sha = storage.file_sha256(tmp)
-        storage.put_file(tmp, url, sha)
+        table = members.build(tmp)
+        if table is not None:
+            if len(table) != record["count"]:
+                raise RuntimeError(f"{name}: {len(table)} samples in the tar, {record['count']} counted")
+            with open(table_tmp, "wb") as f:
+                f.write(members.to_bytes(table))
+            table_name = members.table_name(name)
+            record["members"] = {"name": table_name,
+                                 "sha256": _publish(table_tmp, storage.join(out, table_name))}
+        sha = _publish(tmp, url)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, table_tmp):
+            if os.path.exists(path):
+                os.unlink(path)
     return {"name": name, **record, "sha256": sha}
+
+
+def _intact(out: str, record: dict) -> bool:
+    """The stored shard (and member table) still have the sha256 the index lists."""
+    files = [record] + ([record["members"]] if "members" in record else [])
+    return all(storage.stored_sha256(storage.join(out, f["name"])) == f["sha256"] for f in files)
 
 
 def write_shards(
@@ -91,8 +121,7 @@ def write_shards(
     if storage.exists(index_url):
         old = load_index(index_url)
         if _check_settings(out, old, settings, overwrite):
-            done = {r["name"]: r for r in old["shards"]
-                    if storage.stored_sha256(storage.join(out, r["name"])) == r["sha256"]}
+            done = {r["name"]: r for r in old["shards"] if _intact(out, r)}
         else:
             storage.delete(index_url)  # no reader may take the old shards for the new ones while they are replaced
 
@@ -113,7 +142,7 @@ def write_shards(
         storage.put_bytes(json.dumps(index, indent=1).encode(), index_url)
         return index
 
-    remaining = [(make_shard, name, storage.join(out, name), payload) for name, payload in jobs if name not in done]
+    remaining = [(make_shard, out, name, payload) for name, payload in jobs if name not in done]
     if processes <= 1 or len(remaining) <= 1:
         if initializer is not None and remaining:
             initializer(*initargs)

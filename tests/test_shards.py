@@ -160,7 +160,8 @@ def test_interrupted_run_leaves_only_whole_shards_and_resumes(tmp_path, monkeypa
         shards.write(src, str(out), resolution=16, samples_per_shard=4)
     partial = json.loads((out / "index.json").read_text())
     assert not partial["complete"] and len(partial["shards"]) == 2
-    assert sorted(p.name for p in out.iterdir()) == sorted([s["name"] for s in partial["shards"]] + ["index.json"])
+    finished = [s["name"] for s in partial["shards"]] + [s["members"]["name"] for s in partial["shards"]]
+    assert sorted(p.name for p in out.iterdir()) == sorted(finished + ["index.json"])
 
     made.clear()
     monkeypatch.setattr(shards, "make_image_shard", lambda payload, tar_path: made.append(1) or real(payload, tar_path))
