@@ -90,15 +90,17 @@ def load(url: str) -> np.ndarray:
 class Chunks:
     """The samples of one shard by position, read forward: each read takes the stream up to the end of the last
     sample that fits in CHUNK bytes after the one asked for, so a sample is a zero-copy slice of one chunk
-    (samples already handed out keep their chunk alive)."""
+    (samples already handed out keep their chunk alive). A local shard is one chunk, its memory map: no read
+    copies it (about 1 us per 64x64 sample)."""
 
-    def __init__(self, stream: BinaryIO, table: np.ndarray):
+    def __init__(self, stream: BinaryIO | None, table: np.ndarray, mapped: memoryview | None = None):
         self.stream = stream
         self.offsets, self.sizes, self.labels = (table[:, c].tolist() for c in range(3))
         self.formats = [FORMATS[f] for f in table[:, 3].tolist()]
         self.ends = table[:, 0] + table[:, 1]
-        self.chunk, self.start = memoryview(b""), 0  # the chunk holds the stream's bytes [start, start + len)
-        self.truncated = False
+        # the chunk holds the shard's bytes [start, start + len(chunk))
+        self.chunk, self.start = (mapped, 0) if mapped is not None else (memoryview(b""), 0)
+        self.truncated = mapped is not None  # a map is the whole shard: what it lacks, it was cut off before
 
     def sample(self, k: int) -> dict | str:
         """{"jpg" or "png": bytes (a memoryview), "cls": label} of the shard's sample k, or the reason it is
@@ -108,7 +110,7 @@ class Chunks:
         at = self.offsets[k] - self.start
         size = self.sizes[k]
         if at + size > len(self.chunk):
-            if self.truncated:
+            if self.truncated:  # what the chunk lacks, the stream no longer has
                 return "truncated_shard"
             position = self.start + len(self.chunk)
             last = max(k, int(np.searchsorted(self.ends, self.offsets[k] + CHUNK, side="right")) - 1)

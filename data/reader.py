@@ -54,8 +54,9 @@ def iterate_shard(url: str) -> Iterator[dict]:
 
 class ShardReader:
     """Samples by id, read forward through one shard at a time: ids that move forward within a shard cost one
-    pass over it; going back or to another shard reopens. A shard with a member table (`data.members`) is read
-    in chunks without parsing its tar headers, any other through `data.tar`. A missing shard or table is an
+    pass over it; going back or to another shard reopens. A shard with a member table (`data.members`) is
+    memory-mapped (local) or read in chunks (S3, pipe:) without parsing its tar headers, any other is read
+    through `data.tar`. A missing shard or table is an
     error (the index and the store disagree); a shard that breaks off (truncated, damaged) yields the reason for
     each sample it still owed."""
 
@@ -75,8 +76,13 @@ class ShardReader:
         self.close()
         self._first, self._end = int(self.starts[shard]), int(self.starts[shard + 1])
         self._next, self._failure = self._first, ""
+        url = self.urls[shard]
         table = members.load(self.tables[shard]) if self.tables[shard] is not None else None
-        self._stream = storage.open_read(self.urls[shard])
+        mapped = storage.map_local(url) if table is not None else None
+        if mapped is not None:
+            self._chunks = members.Chunks(None, table, memoryview(mapped))
+            return
+        self._stream = storage.open_read(url)
         if table is not None:
             self._chunks = members.Chunks(self._stream, table)
         else:

@@ -7,6 +7,7 @@ file, so a reader never sees half a shard under its final name.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import tempfile
@@ -65,6 +66,22 @@ def open_read(url: str) -> BinaryIO:
     if scheme == "file" and not os.path.isfile(_local(url)):
         raise FileNotFoundError(f"no such file: {url}")
     return gopen(_local(url), "rb")
+
+
+def map_local(url: str) -> mmap.mmap | None:
+    """A read-only memory map of a local file, None for other schemes and empty files. Slices of it cost no
+    copy; the map stays valid while any of them does."""
+    if _scheme(url) != "file":
+        return None
+    path = _local(url)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {url}")
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return None
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped.madvise(mmap.MADV_SEQUENTIAL)  # shards are read front to back: read ahead, drop behind
+    return mapped
 
 
 def read_bytes(url: str) -> bytes:

@@ -73,14 +73,16 @@ def test_flipped_batches_are_the_same_with_and_without_member_tables(written):
             assert torch.equal(a[key], b[key])
 
 
-def test_a_truncated_shard_reads_the_same_samples_and_reasons_with_and_without_its_table(written):
+@pytest.mark.parametrize("how", ["mapped", "streamed"])
+def test_a_truncated_shard_reads_the_same_samples_and_reasons_with_and_without_its_table(written, how):
+    """Local shards are memory-mapped, others (here pipe:) read in chunks: both against `data.tar`."""
     index = json.loads((written / "index.json").read_text())
     name = index["shards"][1]["name"]
     table = members.load(str(written / index["shards"][1]["members"]["name"]))
     data = (written / name).read_bytes()
     (written / name).write_bytes(data[:int(table[6, 0]) + 10])  # cut inside the 7th image
     starts = np.cumsum([0] + [s["count"] for s in index["shards"]])
-    urls, tables = reader.shard_urls(str(written), index)
+    urls, tables = reader.shard_urls(str(written), index, "" if how == "mapped" else f"pipe:cat {written}/{{name}}")
     read = [as_pairs(reader.ShardReader(urls, starts, t).get(i) for i in range(starts[-1])) for t in (tables, None)]
     assert read[0] == read[1]
     owed = read[0][starts[1]:starts[2]]
