@@ -7,9 +7,10 @@ per image (what the shard format and reader add or save, the decode being equal)
 the source JPEGs with the same ADM/EDM centre crop done in the transform (the pipeline of DiT's and ADM's training
 scripts, which the shards replace). Everything runs in the main process (num_workers=0, one torch thread, the
 trainer's malloc setting), timed in CPU seconds of the process: images/s per core. Our side is one stream read
-round after round, as in a run: each round an epoch's worth of batches. The decode ceiling is the chosen
-decoder alone on the same bytes in memory, exact settings, the faster of writing every image into one reused buffer
-and into a new array dropped at once; pipelines and decoders are timed in the same interleaved rounds.
+round after round, as in a run: each round an epoch's worth of batches, with the training stream's random flips and
+also without them (reading and decoding only, what the ceiling measures). The decode ceiling is the chosen decoder
+alone on the same bytes in memory, exact settings, the faster of writing every image into one reused buffer and
+into a new array dropped at once; pipelines and decoders are timed in the same interleaved rounds.
 
     .venv/bin/python -m benchmarks.data [--images 1000]
 """
@@ -75,14 +76,16 @@ def measure(src: Path, out: Path, resolution: int, batch: int) -> dict:
         (folder / str(label) / f"{key}.jpg").write_bytes(data)
     n = len(members) // batch * batch
 
-    # One stream for all rounds, as a run has: each round reads an epoch's worth of batches from where the last
-    # stopped (the new epoch's plan included); opening the index and shards once, 5-8 ms, is outside the rounds.
-    stream = iter(Stream(StreamConfig(index=str(out), batch_size=batch, num_workers=0, dtype="uint8")))
-    next(stream)
+    def ours(flip: bool):
+        # One stream for all rounds, as a run has: each round reads an epoch's worth of batches from where the last
+        # stopped (the new epoch's plan included); opening the index and shards once, 5-8 ms, is outside the rounds.
+        stream = iter(Stream(StreamConfig(index=str(out), batch_size=batch, num_workers=0, dtype="uint8", flip=flip)))
+        next(stream)
 
-    def ours():
-        for _ in range(n // batch):
-            next(stream)
+        def run():
+            for _ in range(n // batch):
+                next(stream)
+        return run
 
     def baseline(dataset):
         def run():
@@ -91,7 +94,7 @@ def measure(src: Path, out: Path, resolution: int, batch: int) -> dict:
                 pass
         return run
 
-    pipelines = {"ours": ours, "imagefolder": baseline(imagefolder(folder)),
+    pipelines = {"ours": ours(flip=True), "ours_no_flip": ours(flip=False), "imagefolder": baseline(imagefolder(folder)),
                  "imagefolder_source": baseline(imagefolder(src, lambda image: centre_crop(image, resolution)))}
 
     payloads = [data for _, data, _ in members]
@@ -132,6 +135,9 @@ def measure(src: Path, out: Path, resolution: int, batch: int) -> dict:
         "ratio_to_imagefolder_source": rates["ours"] / rates["imagefolder_source"],
         "decode_ceiling_images_per_cpu_s": ceiling,
         "fraction_of_decode_ceiling": rates["ours"] / ceiling,
+        # reading and decoding alone, as the ceiling has them: the same stream without its random flips
+        "ours_no_flip_images_per_cpu_s": rates["ours_no_flip"],
+        "fraction_of_decode_ceiling_no_flip": rates["ours_no_flip"] / ceiling,
         "decoders_in_memory_images_per_cpu_s": {name: rates[name] for name in decoders},
         "fastdct_fastupsample_abs_error": {"mean": float(errors.mean()), "max": int(errors.max()),
                                            "fraction_nonzero": float((errors > 0).mean())},
