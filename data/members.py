@@ -1,12 +1,12 @@
 """Member tables: where each sample's image lies in its shard, so that a reader can skip the tar headers.
 
 Beside every image shard the writer stores `<shard>.members`: little-endian int64, four per sample in shard
-order: byte offset of the image data in the tar, its size, class id, image format (0 jpg, 1 png). Raw, without
-an .npy header, because parsing one cost about 50 us per shard. It is
-the same idea as the index files of WebDataset's `wids`, made when the shard is written (from Python's `tarfile`,
-where speed does not matter) instead of by the reader. Reading with it, a sample is a slice of a chunk of the
-stream, at about 1 us instead of the 4-9 us of parsing its three tar headers at 64x64 (benchmarks/RESULTS.md,
-"Data"). Shards without a table (latents, shards written elsewhere) are read by `data.tar`.
+order: byte offset of the image data in the tar, its size, class id, image format (0 jpg, 1 png); raw, so that
+loading one is a read and a `frombuffer`. It is the idea of the index files of WebDataset's `wids`, made when the
+shard is written (with Python's `tarfile`, where speed does not matter) instead of by the reader. Reading with
+it, a 64x64 sample costs about 2 us with the reader's lookup by id, against 5-9 us for parsing its three tar
+headers (benchmarks/RESULTS.md, "Data"). Shards without a table (latents, shards written elsewhere) are read by
+`data.tar`.
 
 A table is checked when loaded (whole rows, offsets in order without overlap, known formats); the index stores
 its sha256 next to the shard's.
@@ -90,8 +90,8 @@ def load(url: str) -> np.ndarray:
 class Chunks:
     """The samples of one shard by position, read forward: each read takes the stream up to the end of the last
     sample that fits in CHUNK bytes after the one asked for, so a sample is a zero-copy slice of one chunk
-    (samples already handed out keep their chunk alive). A local shard is one chunk, its memory map: no read
-    copies it (about 1 us per 64x64 sample)."""
+    (samples already handed out keep their chunk alive). A local shard is one chunk, its memory map, which no
+    read copies."""
 
     def __init__(self, stream: BinaryIO | None, table: np.ndarray, mapped: memoryview | None = None):
         self.stream = stream
