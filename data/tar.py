@@ -2,9 +2,9 @@
 
 We write shards with WebDataset's TarWriter; shards without a member table (`data.members`: latents, shards
 written elsewhere) are read with this instead of WebDataset's reader, which parses every header through Python's
-tarfile: on our benchmark CPU that cost about 130 us per member, more than decoding a
-64x64 JPEG (benchmarks/RESULTS.md, "Data"). Here the stream is read in chunks of CHUNK bytes and headers are
-parsed in place, so a member costs a few slices of one buffer. It reads POSIX ustar headers plus the two
+tarfile: on our benchmark CPU that cost about 130 us per member, more than decoding a 64x64 JPEG
+(benchmarks/RESULTS.md, "Data"). Here the stream is read in chunks of CHUNK bytes and headers are parsed in
+place, so a member costs a few slices of one buffer. It reads POSIX ustar headers plus the two
 extensions other tools write for long names (pax `path` records, GNU `L` members); other member types (folders,
 links) are skipped, as WebDataset skips them. A stream that ends inside a member raises TruncatedTar.
 """
