@@ -35,6 +35,27 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 
 
+def as_runs(ids) -> list[list[int]]:
+    """Sample ids as [first, stop) runs of consecutive ids, in order: how a position stores `Plan.pending`, which
+    after a layout change holds up to a round's unread samples, nearly all in runs (an ImageNet round: 1.28M ids)."""
+    ids = np.asarray(ids, np.int64)
+    if not len(ids):
+        return []
+    cut = np.flatnonzero(np.diff(ids) != 1) + 1
+    firsts = ids[np.concatenate([[0], cut])]
+    stops = ids[np.concatenate([cut - 1, [len(ids) - 1]])] + 1
+    return np.stack([firsts, stops], 1).tolist()
+
+
+def from_runs(runs: list[list[int]]) -> np.ndarray:
+    if not runs:
+        return np.zeros(0, np.int64)
+    firsts, stops = np.asarray(runs, np.int64).T
+    lengths = stops - firsts
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1]) + np.repeat(firsts - (ends - lengths), lengths)
+
+
 @dataclass(frozen=True)
 class Layout:
     """The facts a plan depends on; any change between save and resume re-plans (`Plan.continue_with`)."""

@@ -27,7 +27,7 @@ from typing import Iterator, Literal
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data import reader
-from data.plan import Layout, Plan
+from data.plan import Layout, Plan, as_runs, from_runs
 
 
 @dataclass
@@ -180,7 +180,7 @@ class Stream:
             "seed": layout.seed, "world_size": layout.world_size, "num_workers": self.config.num_workers,
             "batch_size": layout.batch_size, "shuffle_buffer": layout.block, "rank": self.rank,
             "num_samples": layout.num_samples, "num_shards": len(layout.counts),
-            "pending": list(self.plan.pending), "start": self.plan.start, "batches": self.batches,
+            "pending": as_runs(self.plan.pending), "start": self.plan.start, "batches": self.batches,
             "workers": workers, "bad": dict(self.bad),
         }
 
@@ -190,8 +190,9 @@ class Stream:
             raise ValueError(
                 f"the saved stream position is for {state['num_samples']} samples in {state['num_shards']} shards; "
                 f"{self.config.index} has {layout.num_samples} in {len(layout.counts)}: not the same shards")
+        pending = tuple(from_runs(state["pending"]).tolist())
         saved = Plan(self._layout(state["seed"], state["world_size"], state["num_workers"], state["batch_size"],
-                                  state["shuffle_buffer"], layout.counts), tuple(state["pending"]), state["start"])
+                                  state["shuffle_buffer"], layout.counts), pending, state["start"])
         if saved.layout == layout:
             self.plan, self.batches = saved, state["batches"]
         else:

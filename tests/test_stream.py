@@ -14,6 +14,7 @@ import torch.multiprocessing as tmp_mp
 
 from data import demo, writer
 from s3server import BUCKET, free_port, s3_endpoint  # noqa: F401  (pytest fixture)
+from data.plan import as_runs, from_runs
 from data.stream import Stream, StreamConfig
 from data.validation import ValidationStream
 
@@ -175,6 +176,33 @@ def test_resume_with_another_world_size_continues_without_repeating_or_skipping(
         s.load_state_dict(state)
     after = [int(i) for s in new for b in take(s, 2 * s.batches_per_round) for i in b["index"]]
     assert_prefix_of_epochs(done + after, sum(counts))
+
+
+def test_a_position_with_leftover_samples_is_stored_as_runs_and_resumes_exactly(tmp_path):
+    index = uneven_shards(tmp_path, [13, 40, 9, 41])
+    old = Stream(StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10), 0, 2)
+    take(old, 5)
+    config = StreamConfig(index=index, batch_size=5, num_workers=1, shuffle_buffer=10)
+    new = Stream(config, 1, 3)
+    new.load_state_dict(old.state_dict())
+    take(new, 1)  # still inside the leftover samples
+    state = json.loads(json.dumps(new.state_dict()))
+    assert len(new.plan.pending) > 3 * len(state["pending"])
+    assert all(stop > first for first, stop in state["pending"])
+    resumed = Stream(config, 1, 3)
+    resumed.load_state_dict(state)
+    assert resumed.plan == new.plan
+    for a, b in zip(take(new, 10), take(resumed, 10)):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["x"], b["x"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_runs_give_back_the_ids(seed):
+    rng = np.random.default_rng(seed)
+    ids = np.concatenate([np.arange(a, a + n) for a, n in zip(rng.integers(0, 50, 20), rng.integers(1, 6, 20))])
+    runs = as_runs(ids)
+    assert np.array_equal(from_runs(runs), ids) and len(runs) <= 20
+    assert as_runs([]) == [] and len(from_runs([])) == 0
 
 
 def test_validation_reads_every_sample_once_with_the_same_batch_count_on_every_rank(tmp_path):
