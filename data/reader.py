@@ -25,13 +25,16 @@ def shard_urls(index_url: str, index: dict, template: str = "") -> tuple[list[st
     if template:
         if "{name}" not in template:
             raise ValueError(f"shard URL template {template!r} must contain '{{name}}'")
-        url = template.format
+
+        def url(name: str) -> str:
+            return template.format(name=name)
     else:
         base = index_url if not index_url.endswith(".json") else storage.parent(index_url)
-        url = lambda name: storage.join(base, name)  # noqa: E731
+
+        def url(name: str) -> str:
+            return storage.join(base, name)
     shards = index["shards"]
-    return ([url(name=s["name"]) for s in shards],
-            [url(name=s["members"]["name"]) if "members" in s else None for s in shards])
+    return [url(s["name"]) for s in shards], [url(s["members"]["name"]) if "members" in s else None for s in shards]
 
 
 def open_index(index_url: str, template: str = "") -> tuple[dict, list[str], list[str | None]]:
@@ -56,9 +59,8 @@ class ShardReader:
     """Samples by id, read forward through one shard at a time: ids that move forward within a shard cost one
     pass over it; going back or to another shard reopens. A shard with a member table (`data.members`) is
     memory-mapped (local) or read in chunks (S3, pipe:) without parsing its tar headers, any other is read
-    through `data.tar`. A missing shard or table is an
-    error (the index and the store disagree); a shard that breaks off (truncated, damaged) yields the reason for
-    each sample it still owed."""
+    through `data.tar`. A missing shard or table is an error (the index and the store disagree); a shard that
+    breaks off (truncated, damaged) yields the reason for each sample it still owed."""
 
     def __init__(self, urls: list[str], starts: np.ndarray, tables: list[str | None] | None = None):
         self.urls, self.starts = urls, starts

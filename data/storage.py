@@ -79,9 +79,7 @@ def map_local(url: str) -> mmap.mmap | None:
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return None
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    mapped.madvise(mmap.MADV_SEQUENTIAL)  # shards are read front to back: read ahead, drop behind
-    return mapped
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def read_bytes(url: str) -> bytes:
