@@ -190,7 +190,11 @@ class Stream:
             raise ValueError(
                 f"the saved stream position is for {state['num_samples']} samples in {state['num_shards']} shards; "
                 f"{self.config.index} has {layout.num_samples} in {len(layout.counts)}: not the same shards")
-        pending = tuple(from_runs(state["pending"]).tolist())
+        # runs of ids; positions saved before runs were used hold the ids themselves
+        saved_pending = state["pending"]
+        if saved_pending and isinstance(saved_pending[0], list):
+            saved_pending = from_runs(saved_pending).tolist()
+        pending = tuple(saved_pending)
         saved = Plan(self._layout(state["seed"], state["world_size"], state["num_workers"], state["batch_size"],
                                   state["shuffle_buffer"], layout.counts), pending, state["start"])
         if saved.layout == layout:
