@@ -99,7 +99,7 @@ class Chunks:
         self.formats = [FORMATS[f] for f in table[:, 3].tolist()]
         self.ends = table[:, 0] + table[:, 1]
         # the chunk holds the shard's bytes [start, start + len(chunk))
-        self.chunk, self.start = (mapped, 0) if mapped is not None else (memoryview(b""), 0)
+        self.chunk, self.start = (mapped if mapped is not None else memoryview(b"")), 0
         self.truncated = mapped is not None  # a map is the whole shard: what it lacks, it was cut off before
 
     def sample(self, k: int) -> dict | str:

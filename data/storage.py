@@ -140,10 +140,13 @@ def put_file(path: str, url: str, sha256: str) -> None:
         raise ValueError(f"cannot write to {url!r}; writable: a local path, file://PATH, s3://BUCKET/KEY")
 
 
-def put_bytes(data: bytes, url: str) -> None:
+def put_bytes(data: bytes, url: str) -> str:
+    """Publish `data` at `url` atomically; returns its sha256."""
+    sha = hashlib.sha256(data).hexdigest()
     with tempfile.NamedTemporaryFile(dir=temp_dir(url), prefix=".tmp-", delete=False) as f:
         f.write(data)
-    put_file(f.name, url, hashlib.sha256(data).hexdigest())
+    put_file(f.name, url, sha)
+    return sha
 
 
 def temp_dir(url: str) -> str | None:

@@ -54,40 +54,27 @@ def _sum(records: Sequence[dict], key: str) -> dict:
     return dict(sorted(total.items()))
 
 
-def _publish(path: str, url: str) -> str:
-    sha = storage.file_sha256(path)
-    storage.put_file(path, url, sha)
-    return sha
-
-
-def _temp(url: str, suffix: str) -> str:
-    fd, path = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=storage.temp_dir(url))
-    os.close(fd)
-    return path
-
-
 def _run(job: tuple[MakeShard, str, str, Any]) -> dict:
     """Write one shard and, for an image shard, its member table; the table goes first, so that a shard is
     never listed without it."""
     make_shard, out, name, payload = job
     url = storage.join(out, name)
-    tmp, table_tmp = _temp(url, ".tar"), _temp(url, members.SUFFIX)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tar", dir=storage.temp_dir(url))
+    os.close(fd)
     try:
         record = make_shard(payload, tmp)
         table = members.build(tmp)
         if table is not None:
             if len(table) != record["count"]:
                 raise RuntimeError(f"{name}: {len(table)} samples in the tar, {record['count']} counted")
-            with open(table_tmp, "wb") as f:
-                f.write(members.to_bytes(table))
             table_name = members.table_name(name)
-            record["members"] = {"name": table_name,
-                                 "sha256": _publish(table_tmp, storage.join(out, table_name))}
-        sha = _publish(tmp, url)
+            sha = storage.put_bytes(members.to_bytes(table), storage.join(out, table_name))
+            record["members"] = {"name": table_name, "sha256": sha}
+        sha = storage.file_sha256(tmp)
+        storage.put_file(tmp, url, sha)
     finally:
-        for path in (tmp, table_tmp):
-            if os.path.exists(path):
-                os.unlink(path)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return {"name": name, **record, "sha256": sha}
 
 
