@@ -10,7 +10,9 @@ trainer's malloc setting), timed in CPU seconds of the process: images/s per cor
 round after round, as in a run: each round an epoch's worth of batches, with the training stream's random flips and
 also without them (reading and decoding only, what the ceiling measures). The decode ceiling is the chosen decoder
 alone on the same bytes in memory, exact settings, the faster of writing every image into one reused buffer and
-into a new array dropped at once; pipelines and decoders are timed in the same interleaved rounds.
+into a new array dropped at once; pipelines and decoders are timed in the same interleaved rounds. Rates are each
+side's best round; ratios are given both between best rounds and as the median of the ratios within a round
+(`paired_median`).
 
     .venv/bin/python -m benchmarks.data [--images 1000]
 """
@@ -55,16 +57,16 @@ def imagefolder(root: Path, *crop: Callable) -> torchvision.datasets.ImageFolder
         [*crop, transforms.RandomHorizontalFlip(), transforms.PILToTensor()]))
 
 
-def best_rates(runs: dict, counts: dict, rounds: int = 15) -> dict:
-    """Images per CPU-second of this process (everything runs in it), best of interleaved rounds: the machine
-    is shared, and CPU time with interleaving is what stays comparable between the runs."""
-    best = {name: float("inf") for name in runs}
+def timed_rounds(runs: dict, rounds: int = 15) -> dict:
+    """CPU seconds of this process (everything runs in it) for each run in each of `rounds` interleaved rounds:
+    the machine is shared, and CPU time with interleaving is what stays comparable between the runs."""
+    seconds = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
             start = time.process_time()
             run()
-            best[name] = min(best[name], time.process_time() - start)
-    return {name: counts[name] / seconds for name, seconds in best.items()}
+            seconds[name].append(time.process_time() - start)
+    return seconds
 
 
 def measure(src: Path, out: Path, resolution: int, batch: int) -> dict:
@@ -117,8 +119,17 @@ def measure(src: Path, out: Path, resolution: int, batch: int) -> dict:
         "torchvision.io.decode_jpeg": each(decode_jpeg, tensors),
     }
     # pipelines and decoders in the same rounds, so that their ratios see the same load
-    rates = best_rates({**pipelines, **decoders}, {**{name: n for name in pipelines},
-                                                   **{name: len(payloads) for name in decoders}})
+    seconds = timed_rounds({**pipelines, **decoders})
+    counts = {**{name: n for name in pipelines}, **{name: len(payloads) for name in decoders}}
+    rates = {name: counts[name] / min(times) for name, times in seconds.items()}  # best round of each
+    per_round = {name: counts[name] / np.array(times) for name, times in seconds.items()}
+    ceiling_per_round = np.maximum(per_round["simplejpeg (chosen), into one buffer"],
+                                   per_round["simplejpeg, new array per image"])
+
+    def paired(name: str, reference: np.ndarray) -> float:
+        # the median of the ratios within each round: both sides saw the same moment of a shared machine, while
+        # each side's best round may come from a different, quieter moment
+        return float(np.median(per_round[name] / reference))
     # the fast options trade exactness for speed: how far their pixels are from the exact decode
     errors = np.concatenate([
         np.abs(simplejpeg.decode_jpeg(d, "RGB", fastdct=True, fastupsample=True).astype(np.int16)
@@ -138,6 +149,12 @@ def measure(src: Path, out: Path, resolution: int, batch: int) -> dict:
         # reading and decoding alone, as the ceiling has them: the same stream without its random flips
         "ours_no_flip_images_per_cpu_s": rates["ours_no_flip"],
         "fraction_of_decode_ceiling_no_flip": rates["ours_no_flip"] / ceiling,
+        "paired_median": {
+            "ratio_to_imagefolder": paired("ours", per_round["imagefolder"]),
+            "ratio_to_imagefolder_source": paired("ours", per_round["imagefolder_source"]),
+            "fraction_of_decode_ceiling": paired("ours", ceiling_per_round),
+            "fraction_of_decode_ceiling_no_flip": paired("ours_no_flip", ceiling_per_round),
+        },
         "decoders_in_memory_images_per_cpu_s": {name: rates[name] for name in decoders},
         "fastdct_fastupsample_abs_error": {"mean": float(errors.mean()), "max": int(errors.max()),
                                            "fraction_nonzero": float((errors > 0).mean())},
