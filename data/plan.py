@@ -5,8 +5,8 @@ end, without a break; epoch e is every shard once, in a permutation of the shard
 reads `pending` (ids left over from an earlier plan, see `Plan.continue_with`) and then the global stream from
 position `start`.
 
-Rounds. The plan is cut into rounds of Q = R*W*k*B samples, R ranks, W workers per rank (0 DataLoader workers
-count as 1), batch size B, and k = ceil(N / (R*W*B)) batches per (rank, worker) slot and round, so a round is
+Rounds. The plan is cut into rounds of Q = R*W*k*B samples, R ranks, W workers per rank (0 workers count
+as 1), batch size B, and k = ceil(N / (R*W*B)) batches per (rank, worker) slot and round, so a round is
 about one epoch. In round t, slot s = rank*W + worker reads the contiguous samples [t*Q + s*k*B, t*Q + (s+1)*k*B):
 - every slot gets exactly k full batches per round, however few or uneven the shards are: no rank runs out
   before another and no batch is short;
@@ -19,8 +19,9 @@ permutation seeded by (seed, plan, round, slot, block), which also draws the hor
 block costs reading that block again, never more. Writing the shards already shuffled samples across shards.
 
 Order of batches. A rank's batch c comes from worker c % W (its batch c // W): the order in which a PyTorch
-DataLoader returns the batches of an IterableDataset. A rank's whole position is therefore one number, the batches
-it has consumed, and every rank has consumed the same number at any training step.
+DataLoader returns the batches of an IterableDataset, and in which `data.workers` takes them from threads. A
+rank's whole position is therefore one number, the batches it has consumed, and every rank has consumed the same
+number at any training step.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class Layout:
     counts: tuple[int, ...]  # samples per shard, index order
     seed: int
     world_size: int
-    workers: int  # slots per rank: max(1, DataLoader workers)
+    workers: int  # slots per rank: max(1, num_workers)
     batch_size: int
     block: int  # shuffle block, in samples
 
@@ -106,11 +107,16 @@ class Plan:
         n = self.layout.num_samples
         parts = []
         for epoch in range(a // n, (b - 1) // n + 1):
-            if epoch not in self._epochs:
-                self._epochs.clear()  # reading moves forward: one or two epochs are ever needed at once
-                self._epochs[epoch] = self.layout.epoch_ids(epoch)
+            ids = self._epochs.get(epoch)
+            if ids is None:
+                ids = self._epochs[epoch] = self.layout.epoch_ids(epoch)
+                # Reading moves forward, and the workers of a rank stay within a round or two of each other: three
+                # epochs are the most ever needed at once. Each step is one dict operation, which worker threads
+                # sharing this plan cannot interleave.
+                for old in sorted(self._epochs)[:-3]:
+                    self._epochs.pop(old, None)
             lo, hi = max(a, epoch * n), min(b, (epoch + 1) * n)
-            parts.append(self._epochs[epoch][lo - epoch * n:hi - epoch * n])
+            parts.append(ids[lo - epoch * n:hi - epoch * n])
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def ids(self, a: int, b: int) -> np.ndarray:

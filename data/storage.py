@@ -42,7 +42,9 @@ def _split_s3(url: str) -> tuple[str, str]:
 def _s3():
     import boto3
 
-    return boto3.client("s3")
+    # a session of its own: the default one that boto3.client() shares is not thread-safe, and stream workers
+    # may be threads opening shards at the same time
+    return boto3.session.Session().client("s3")
 
 
 def join(base: str, name: str) -> str:

@@ -1,10 +1,10 @@
 """The training stream: batches from shards, infinite, with an exact and cheap resume position.
 
 `Stream(config, rank, world_size)` yields {"x", "label", "index"} batches forever: x is (B, 3, H, W) images
-(uint8, or float in [-1, 1] as k/127.5 - 1) in channels_last memory format, or (B, C, h, w) float latents; index
-holds the sample ids. Which sample goes where is `data.plan`: every (rank, worker) slot gets the same number of
-full batches per round (about an epoch), nothing padded and nothing dropped, each epoch in a new seeded shard
-order.
+(uint8 by default, or float in [-1, 1] as k/127.5 - 1) in channels_last memory format, or (B, C, h, w) float
+latents; index holds the sample ids. Which sample goes where is `data.plan`: every (rank, worker) slot gets the same
+number of full batches per round (about an epoch), nothing padded and nothing dropped, each epoch in a new seeded
+shard order. The workers are DataLoader worker processes or threads (`data.workers`); both give the same batches.
 
 Resume. `state_dict()` holds the layout (seed, world size, workers, batch size, shuffle block), the batches this
 rank has consumed, and per worker the shard order of its epoch and the samples it has consumed. With the same
@@ -19,14 +19,11 @@ when more than `max_bad_fraction` of the samples it reads in one round are bad.
 """
 from __future__ import annotations
 
-import signal
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-
-from data import reader
+from data import reader, workers
 from data.plan import Layout, Plan, as_runs, from_runs
 
 
@@ -35,11 +32,14 @@ class StreamConfig:
     index: str = ""  # the shard index: index.json, or the folder / s3 prefix holding it
     shards: str = ""  # shard URL template with {name}, e.g. "pipe:curl -s https://host/{name}"; default: beside index
     batch_size: int = 64  # per rank
-    num_workers: int = 2  # DataLoader workers per rank
+    num_workers: int = 2  # workers per rank (0: batches are made in the rank's own thread)
+    worker_type: workers.WorkerType = "thread"  # threads of the rank's process, or DataLoader worker processes
     shuffle_buffer: int = 1000  # block shuffle size, in samples
     seed: int = 0
     flip: bool = True  # random horizontal flip (images: mirrored pixels; latents: the stored flipped latent)
-    dtype: Literal["uint8", "float"] = "float"
+    # images as uint8, for the trainer to convert on its device (a quarter of the bytes from the workers and to a
+    # GPU), or as floats in [-1, 1]; latents are float32 either way
+    dtype: Literal["uint8", "float"] = "uint8"
     max_bad_fraction: float = 0.001
 
     def __post_init__(self):
@@ -55,37 +55,23 @@ class StreamConfig:
 def open_shards(config: StreamConfig) -> tuple[dict, list[str], list[str | None]]:
     if not config.index:
         raise ValueError("StreamConfig.index is empty: give the shard index (index.json or its folder)")
-    index, urls, tables = reader.open_index(config.index, config.shards)
-    if index["kind"] == "latents" and config.dtype == "uint8":
-        raise ValueError(f"{config.index} holds latents, which are float: set dtype to 'float'")
-    return index, urls, tables
+    return reader.open_index(config.index, config.shards)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Launchers signal a job's whole process group (scancel, pod eviction): the rank finishes its step and writes
-    a checkpoint before it exits, so its DataLoader workers must not die first and fail the fetch in flight."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def as_made(batch: dict) -> dict:
-    """The DataLoader's per-batch conversion: none, batches leave the workers ready (saves ~4 us per image)."""
-    return batch
-
-
-class _Slots(IterableDataset):
-    """One rank's batches from the rank's batch `first` on; each DataLoader worker emits those of one slot."""
+class _Slots:
+    """One rank's batches from the rank's batch `first` on; each worker emits those of one slot."""
 
     def __init__(self, plan: Plan, urls: list[str], tables: list[str | None], kind: str, config: StreamConfig,
                  rank: int, first: int):
         self.plan, self.urls, self.tables, self.kind = plan, urls, tables, kind
         self.config, self.rank, self.first = config, rank, first
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
+    def batches_of(self, started: int) -> Iterator[dict]:
+        """The batches of the worker started as number `started`."""
         w_count = self.plan.layout.workers
-        # A new DataLoader asks worker 0 first, but the rank's next batch belongs to plan worker first % W.
-        worker = ((info.id if info is not None else 0) + self.first) % w_count
+        # Workers are asked for batches from the one started first, but the rank's next batch belongs to plan
+        # worker first % W.
+        worker = (started + self.first) % w_count
         shards = reader.ShardReader(self.urls, self.plan.layout.starts, self.tables)
         try:
             yield from self._batches(shards, worker, self.first // w_count + (worker < self.first % w_count))
@@ -150,15 +136,7 @@ class Stream:
 
     def __iter__(self) -> Iterator[dict]:
         slots = _Slots(self.plan, self.urls, self.tables, self.kind, self.config, self.rank, self.batches)
-        if self.config.num_workers == 0:
-            # in this process a DataLoader would only pass the batches on, at about 30 us each
-            loader = iter(slots)
-        else:
-            # batch_size=None: batches are made in the workers; the loader returns them round robin by worker,
-            # which is the order the plan assumes.
-            loader = DataLoader(slots, batch_size=None, num_workers=self.config.num_workers, collate_fn=as_made,
-                                worker_init_fn=ignore_stop_signals)
-        for batch in loader:
+        for batch in workers.batches(slots.batches_of, self.config.num_workers, self.config.worker_type):
             self.batches += 1
             self.bad.update(batch.pop("bad"))
             yield batch

@@ -4,23 +4,22 @@ Rank r reads the ids [r*P, (r+1)*P) with P = ceil(N / R), in ceil(P / B) batches
 same number of full-size batches, so collective operations after each batch never wait on a rank that has
 finished: the positions past N (last ranks only) are padding, a copy of a real sample, with `mask` False; so
 are unreadable samples (counted in `ValidationStream.bad`), which the batch holds as copies of readable ones.
-Within a rank, DataLoader worker w reads a contiguous run of the rank's batches; the order of batches is
+Within a rank, worker w reads a contiguous run of the rank's batches; the order of batches is
 therefore fixed by the number of workers, the set of (sample, mask) pairs is not.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterator
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data import reader
-from data.stream import StreamConfig, as_made, ignore_stop_signals, open_shards
+from data import reader, workers
+from data.stream import StreamConfig, open_shards
 
 
-class _RankBatches(IterableDataset):
+class _RankBatches:
     def __init__(self, urls: list[str], tables: list[str | None], counts: list[int], kind: str,
                  config: StreamConfig, rank: int, world: int):
         self.urls, self.tables, self.kind, self.config, self.rank = urls, tables, kind, config, rank
@@ -31,9 +30,8 @@ class _RankBatches(IterableDataset):
     def __len__(self) -> int:
         return math.ceil(self.per_rank / self.config.batch_size)
 
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    def batches_of(self, worker: int, workers: int) -> Iterator[dict]:
+        """The batches of `worker` of `workers`: a contiguous run of the rank's."""
         size, count = self.config.batch_size, len(self)
         first = self.rank * self.per_rank
         end = min(self.num_samples, first + self.per_rank)
@@ -46,7 +44,7 @@ class _RankBatches(IterableDataset):
                 samples = [shards.get(i) for i in ids]
                 batch = reader.make_batch(ids, samples, [False] * size, self.kind, self.config.dtype)
                 # a bad sample comes back as a copy of another one (another index): it must not count twice either
-                batch["mask"] = (torch.arange(size) < len(real)) & (batch["index"] == torch.tensor(ids))
+                batch["mask"] = (np.arange(size) < len(real)) & (batch["index"] == ids)
                 yield batch
         finally:
             shards.close()
@@ -54,7 +52,7 @@ class _RankBatches(IterableDataset):
 
 class ValidationStream:
     """`for batch in ValidationStream(config, rank, world_size)`: one pass; batches {"x", "label", "index", "mask"}.
-    Only index, batch_size, num_workers, dtype and shards of the config are used."""
+    Only index, batch_size, num_workers, worker_type, dtype and shards of the config are used."""
 
     def __init__(self, config: StreamConfig, rank: int = 0, world_size: int = 1):
         index, urls, tables = open_shards(config)
@@ -66,9 +64,10 @@ class ValidationStream:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[dict]:
-        workers = min(self.batches.config.num_workers, len(self))
-        for batch in DataLoader(self.batches, batch_size=None, num_workers=workers, collate_fn=as_made,
-                                worker_init_fn=ignore_stop_signals):
-            for reason, count in batch.pop("bad").items():
-                self.bad[reason] = self.bad.get(reason, 0) + count
+        config = self.batches.config
+        count = min(config.num_workers, len(self))
+        batches_of = functools.partial(self.batches.batches_of, workers=max(count, 1))
+        for batch in workers.batches(batches_of, count, config.worker_type):
+            for reason, n in batch.pop("bad").items():
+                self.bad[reason] = self.bad.get(reason, 0) + n
             yield batch

@@ -39,7 +39,7 @@ def test_latents_are_the_vae_encoding_of_each_image_and_its_mirror(tmp_path, vae
     assert int(sample["cls"]) == label
 
 
-def test_latent_stream_flips_by_choosing_the_stored_mirror_latent(tmp_path, vae_path):
+def test_latent_stream_flips_by_choosing_the_stored_mirror_latent_and_is_float_whatever_the_dtype(tmp_path, vae_path):
     demo.write(str(tmp_path / "images"), num_images=24, samples_per_shard=24)
     encode.write(str(tmp_path / "images"), str(tmp_path / "latents"), vae=vae_path, scale=1.0)
     config = dict(index=str(tmp_path / "latents"), batch_size=24, num_workers=0)
@@ -48,8 +48,8 @@ def test_latent_stream_flips_by_choosing_the_stored_mirror_latent(tmp_path, vae_
     assert plain["x"].shape == (24, 4, 16, 16) and plain["x"].dtype == torch.float32
     same = [torch.equal(a, b) for a, b in zip(plain["x"], flipped["x"])]
     assert 0 < sum(same) < 24
-    with pytest.raises(ValueError, match="latents"):
-        Stream(StreamConfig(**config, dtype="uint8"))
+    as_float = next(iter(Stream(StreamConfig(**config, flip=False, dtype="float"))))
+    assert torch.equal(as_float["x"], plain["x"])
 
 
 def test_encode_resumes_and_refuses_other_settings(tmp_path, vae_path, capsys):

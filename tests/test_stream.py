@@ -2,7 +2,10 @@ import io
 import json
 import random
 import signal
+import subprocess
+import sys
 import tarfile
+import threading
 import time
 from collections import Counter
 
@@ -45,17 +48,19 @@ def assert_prefix_of_epochs(ids, n):
     assert all(counts[i] in (q, q + 1) for i in range(n))
 
 
+@pytest.mark.parametrize("worker_type", ["thread", "process"])
 @pytest.mark.parametrize("counts", [[1, 37, 5, 60], [1, 100, 2], [103]],
                          ids=["uneven", "fewer-shards-than-slots", "one-shard"])
-def test_two_ranks_two_workers_read_each_sample_once_per_epoch_with_equal_full_batches(tmp_path, counts):
+def test_two_ranks_two_workers_read_each_sample_once_per_epoch_with_equal_full_batches(tmp_path, counts, worker_type):
     index = uneven_shards(tmp_path, counts)
     n = sum(counts)  # 103: not divisible by ranks x workers x batch = 16
-    config = StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10)
+    config = StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10, worker_type=worker_type)
     streams = [Stream(config, rank=r, world_size=2) for r in range(2)]
     assert streams[0].batches_per_round == streams[1].batches_per_round
     rounds = 2
     batches = [take(s, rounds * s.batches_per_round) for s in streams]
     assert all(b["x"].shape == (4, 3, 32, 32) for rank in batches for b in rank)
+    assert all(b[k].dtype == torch.int64 for rank in batches for b in rank for k in ("label", "index"))
     ids = [int(i) for rank in batches for b in rank for i in b["index"]]
     assert_prefix_of_epochs(ids, n)
 
@@ -71,8 +76,8 @@ def test_labels_and_pixels_match_the_demo_generator(tmp_path):
 
 def test_float_batches_are_in_minus_one_one_and_flips_mirror_the_image(tmp_path):
     index = uneven_shards(tmp_path, [30])
-    plain = take(Stream(StreamConfig(index=index, batch_size=30, num_workers=0, flip=False)), 1)[0]
-    flipped = take(Stream(StreamConfig(index=index, batch_size=30, num_workers=0, flip=True)), 1)[0]
+    plain = take(Stream(StreamConfig(index=index, batch_size=30, num_workers=0, flip=False, dtype="float")), 1)[0]
+    flipped = take(Stream(StreamConfig(index=index, batch_size=30, num_workers=0, flip=True, dtype="float")), 1)[0]
     assert torch.equal(plain["index"], flipped["index"])
     assert plain["x"].dtype == torch.float32 and plain["x"].min() >= -1 and plain["x"].max() <= 1
     mirrored = [torch.equal(f, p.flip(2)) and not torch.equal(f, p) for f, p in zip(flipped["x"], plain["x"])]
@@ -104,9 +109,10 @@ def test_jpeg_batches_are_channels_last_views_equal_to_the_exact_decode_mirrored
     import simplejpeg
 
     index, jpegs = jpeg_shard(tmp_path / "j", [(24, 40)] * 40)
-    stream = Stream(StreamConfig(index=index, batch_size=40, num_workers=0, dtype="uint8"))
+    stream = Stream(StreamConfig(index=index, batch_size=40, num_workers=0))  # uint8 by default
     batch = take(stream, 1)[0]
     x = batch["x"]
+    assert x.dtype == torch.uint8
     assert x.shape == (40, 3, 24, 40) and x.is_contiguous(memory_format=torch.channels_last)
     flipped = 0
     for image, label in zip(x, batch["label"]):
@@ -114,7 +120,7 @@ def test_jpeg_batches_are_channels_last_views_equal_to_the_exact_decode_mirrored
         assert torch.equal(image, exact) or torch.equal(image, exact.flip(2))
         flipped += not torch.equal(image, exact)
     assert 5 < flipped < 35
-    floats = take(Stream(StreamConfig(index=index, batch_size=40, num_workers=0)), 1)[0]["x"]
+    floats = take(Stream(StreamConfig(index=index, batch_size=40, num_workers=0, dtype="float")), 1)[0]["x"]
     assert floats.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(floats, x.float() / 127.5 - 1)
 
@@ -146,9 +152,10 @@ def test_a_batch_mixing_jpeg_sizes_is_an_error_not_a_bad_sample(tmp_path, other)
             take(Stream(StreamConfig(index=index, batch_size=4, num_workers=0, shuffle_buffer=1, flip=flip)), 1)
 
 
-def test_resume_at_a_random_step_gives_the_uninterrupted_batches(tmp_path):
+@pytest.mark.parametrize("worker_type", ["process", "thread"])
+def test_resume_at_a_random_step_gives_the_uninterrupted_batches(tmp_path, worker_type):
     index = uneven_shards(tmp_path, [13, 40, 9, 41])
-    config = StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10, seed=3)
+    config = StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10, seed=3, worker_type=worker_type)
     total = 40  # more than one round: k * workers = 14 batches per round for rank 1 of 2
     reference = take(Stream(config, rank=1, world_size=2), total)
     step = random.Random(0).randrange(1, total)
@@ -208,10 +215,11 @@ def test_runs_give_back_the_ids(seed):
     assert as_runs([]) == [] and len(from_runs([])) == 0
 
 
-def test_validation_reads_every_sample_once_with_the_same_batch_count_on_every_rank(tmp_path):
+@pytest.mark.parametrize("worker_type", ["process", "thread"])
+def test_validation_reads_every_sample_once_with_the_same_batch_count_on_every_rank(tmp_path, worker_type):
     counts = [1, 37, 5, 60]
     index = uneven_shards(tmp_path, counts)
-    config = StreamConfig(index=index, batch_size=8, num_workers=2)
+    config = StreamConfig(index=index, batch_size=8, num_workers=2, worker_type=worker_type)
     ranks = [ValidationStream(config, r, 2) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == 7
     seen = []
@@ -302,21 +310,27 @@ def test_reader_replaces_and_counts_bad_samples_by_reason(tmp_path):
     assert len(kept) == len(set(kept)) == 43 - 15 and validation.bad == dict(stream.bad)
 
 
-def test_too_many_bad_samples_fail_with_a_clear_message(tmp_path):
+@pytest.mark.parametrize("workers", [(0, "process"), (2, "process"), (2, "thread")], ids=["none", "process", "thread"])
+def test_too_many_bad_samples_fail_with_a_clear_message(tmp_path, workers):
     index = damaged_shards(tmp_path / "bad")
+    num_workers, worker_type = workers
+    config = StreamConfig(index=index, batch_size=43, num_workers=num_workers, worker_type=worker_type,
+                          max_bad_fraction=0.1)
     with pytest.raises(RuntimeError, match="max_bad_fraction=0.1"):
-        take(Stream(StreamConfig(index=index, batch_size=43, num_workers=0, max_bad_fraction=0.1)), 1)
+        take(Stream(config), 1)
 
 
 def _distributed_check(rank, world, port, index, n, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        stream = Stream(StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10), rank, world)
+        config = StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=10, worker_type="process")
+        stream = Stream(config, rank, world)
         ids = [int(i) for b in take(stream, stream.batches_per_round) for i in b["index"]]
         gathered = [None] * world
         dist.all_gather_object(gathered, ids)
         seen = torch.zeros(n, dtype=torch.int64)
-        for b in ValidationStream(StreamConfig(index=index, batch_size=8, num_workers=2), rank, world):
+        for b in ValidationStream(StreamConfig(index=index, batch_size=8, num_workers=2, worker_type="process"), rank,
+                                  world):
             seen.index_add_(0, b["index"][b["mask"]], torch.ones(int(b["mask"].sum()), dtype=torch.int64))
             # a collective per batch, as an evaluation loop has: it would wait forever if batch counts differed
             dist.all_reduce(torch.zeros(1))
@@ -399,7 +413,8 @@ def test_dataloader_workers_survive_the_stop_signal_meant_for_their_rank(tmp_pat
 
     index = uneven_shards(tmp_path, [40, 40])
     before = set(psutil.Process().children())  # other tests may have left processes behind (resource trackers)
-    stream = iter(Stream(StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=8)))
+    stream = iter(Stream(StreamConfig(index=index, batch_size=4, num_workers=2, shuffle_buffer=8,
+                                      worker_type="process")))
     next(stream)
     workers = set(psutil.Process().children()) - before
     assert len(workers) == 2
@@ -408,3 +423,39 @@ def test_dataloader_workers_survive_the_stop_signal_meant_for_their_rank(tmp_pat
     time.sleep(0.5)
     assert all(worker.is_running() for worker in workers)
     assert len(take(stream, 10)) == 10
+
+
+CRASH_WITH_OPEN_STREAMS = """
+import sys
+from data.stream import Stream, StreamConfig
+from data.validation import ValidationStream
+config = StreamConfig(index=sys.argv[1], batch_size=4, num_workers=2, shuffle_buffer=8, worker_type=sys.argv[2])
+batches, validation = iter(Stream(config)), iter(ValidationStream(config))
+next(batches), next(validation)
+raise RuntimeError("a failed training step")
+"""
+
+
+@pytest.mark.parametrize("worker_type", ["process", "thread"])
+def test_a_process_that_fails_with_streams_open_exits_instead_of_waiting_for_their_workers(tmp_path, worker_type):
+    """Worker processes ignore SIGTERM, with which multiprocessing ends daemonic children at exit: the streams
+    must stop them themselves, or a rank that fails would hang instead of exiting."""
+    index = uneven_shards(tmp_path, [40, 40])
+    done = subprocess.run([sys.executable, "-c", CRASH_WITH_OPEN_STREAMS, index, worker_type], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and "a failed training step" in done.stderr
+
+
+def test_thread_workers_give_the_batches_of_worker_processes_and_stop_when_closed(tmp_path):
+    index = uneven_shards(tmp_path, [13, 40, 9, 41])
+    config = dict(index=index, batch_size=4, num_workers=2, shuffle_buffer=10, seed=1)
+    processes = Stream(StreamConfig(**config, worker_type="process"), 1, 2)
+    threads = Stream(StreamConfig(**config, worker_type="thread"), 1, 2)
+    total = 2 * threads.batches_per_round + 1  # into the third round
+    batches = iter(threads)
+    for a, b in zip(take(processes, total), [next(batches) for _ in range(total)]):
+        assert all(torch.equal(a[k], b[k]) for k in ("x", "label", "index"))
+    assert threads.state_dict() == processes.state_dict()
+    assert sum(t.name.startswith("stream-worker") for t in threading.enumerate()) == 2
+    batches.close()
+    assert not any(t.name.startswith("stream-worker") for t in threading.enumerate())

@@ -149,6 +149,23 @@ def test_nonfinite_steps_are_skipped_then_training_stops_with_a_clear_message(da
     assert [(r["loss"], r["skipped_steps"]) for r in logged] == [(None, 1), (None, 2)]
 
 
+def test_uint8_batches_train_exactly_like_the_streams_float_batches(data, tmp_path):
+    """The trainer turns uint8 images into floats on its device by the stream's own rule, so that workers send
+    (and a GPU receives) a quarter of the bytes without changing a step."""
+    cfg = config.load(ExperimentConfig, DEMO, settings(data, tmp_path))
+    steps = []
+    for dtype in ("uint8", "float"):
+        cfg.data.dtype = dtype
+        batch = next(iter(Stream(cfg.data, 0, 2)))
+        assert batch["x"].dtype == (torch.uint8 if dtype == "uint8" else torch.float32)
+        p = train.build_parts(cfg, 0, 1, torch.device("cpu"))
+        loss = train.train_step(p, batch, 0)[0]
+        steps.append((loss, [w.detach().clone() for w in p.module.parameters()]))
+    (loss_u8, weights_u8), (loss_float, weights_float) = steps
+    assert torch.equal(loss_u8, loss_float)
+    assert all(torch.equal(a, b) for a, b in zip(weights_u8, weights_float))
+
+
 def test_demo_config_loads_and_its_intervals_fit_two_ranks():
     cfg = config.load(ExperimentConfig, DEMO)
     cfg.check_intervals(2 * cfg.data.batch_size)

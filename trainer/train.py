@@ -36,6 +36,7 @@ from accelerate import Accelerator
 from PIL import Image
 from torch import Tensor, nn
 
+from data.reader import to_float
 from data.stream import Stream
 from models import objective, samplers, schedules, timesteps, weighting
 from trainer import checkpoint, config, parallel
@@ -113,6 +114,8 @@ def train_step(p: Parts, batch: dict, images_seen: int) -> tuple[Tensor, Tensor,
     cfg = p.cfg
     seed_step(p.device, seed_of(cfg.seed, images_seen, p.rank + 1))
     x, cond = batch["x"].to(p.device), batch["label"].to(p.device)
+    if x.dtype == torch.uint8:  # images travel as bytes and become [-1, 1] floats here, on the training device
+        x = to_float(x)
     t, eps = draw_noise(cfg, images_seen, p.rank, p.world_size, x.shape)
     with torch.no_grad():
         logsnr, density = p.sampler.sample(t.to(p.device))  # as drawn inside the loss
@@ -315,8 +318,6 @@ def keep_freed_memory() -> None:
 
 def main(config_path: str, overrides: Sequence[str] = ()) -> int:
     cfg = config.load(ExperimentConfig, config_path, overrides)
-    if cfg.data.dtype != "float":
-        raise ConfigError(f"data.dtype: the weighted loss trains on float data in [-1, 1], found {cfg.data.dtype!r}")
     store = open_store(cfg.store)
     store.check_reachable()  # before any process group or network exists: fail in seconds, not at a checkpoint
     # On CPU, cpu=True is what makes accelerate read torchrun's environment; without it every rank believes it
