@@ -6,12 +6,15 @@ decode, a random flip and a torch DataLoader: `imagefolder` over the very same J
 per image (what the shard format and reader add or save, the decode being equal), and `imagefolder_source` over
 the source JPEGs with the same ADM/EDM centre crop done in the transform (the pipeline of DiT's and ADM's training
 scripts, which the shards replace). Everything runs in the main process (num_workers=0, one torch thread, the
-trainer's malloc setting), timed in CPU seconds of the process: images/s per core. Our side is one stream read
-round after round, as in a run: each round an epoch's worth of batches, with the training stream's random flips and
-also without them (reading and decoding only, what the ceiling measures). The decode ceiling is the chosen decoder
-alone on the same bytes in memory, exact settings, the faster of writing every image into one reused buffer and
-into a new array dropped at once; pipelines and decoders are timed in the same interleaved rounds. Rates are each
-side's best round; ratios are given both between best rounds and as the median of the ratios within a round
+trainer's malloc setting), timed in CPU seconds of the process: images/s per core. As a run has them, ours and the
+same-bytes baseline also run with one DataLoader worker, timed in CPU seconds of the process and its worker
+together (sending each batch from the worker included), and ours with one and two worker threads
+(`worker_type: thread`; CPU of the process, threads included). Our side is one stream read round after round, as
+in a run: each round an epoch's worth of uint8 batches, with the training stream's random flips and also without
+them (reading and decoding only, what the ceiling measures). The decode ceiling is the chosen decoder alone on the
+same bytes in memory, exact settings, the faster of writing every image into one reused buffer and into a new
+array dropped at once; pipelines and decoders are timed in the same interleaved rounds. Rates are each side's best
+round; ratios are given both between best rounds and as the median of the ratios within a round
 (`paired_median`).
 
     .venv/bin/python -m benchmarks.data [--images 1000]
@@ -28,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-
 import numpy as np
+import psutil
 import simplejpeg
 import torch
 from PIL import Image
@@ -57,15 +60,26 @@ def imagefolder(root: Path, *crop: Callable) -> torchvision.datasets.ImageFolder
         [*crop, transforms.RandomHorizontalFlip(), transforms.PILToTensor()]))
 
 
-def timed_rounds(runs: dict, rounds: int = 15) -> dict:
-    """CPU seconds of this process (everything runs in it) for each run in each of `rounds` interleaved rounds:
-    the machine is shared, and CPU time with interleaving is what stays comparable between the runs."""
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its children (DataLoader workers), to the nanosecond: each child's CPU-time
+    clock has the id that clock_getcpuclockid(3) gives, ((~pid) << 3) | 2 on Linux."""
+    children = psutil.Process().children(recursive=True)
+    return time.process_time() + sum(time.clock_gettime(((~child.pid) << 3) | 2) for child in children)
+
+
+def timed_rounds(runs: dict, rounds: int = 15, settle: float = 0.1) -> dict:
+    """CPU seconds of this process and its workers for each run in each of `rounds` interleaved rounds: the
+    machine is shared, and CPU time with interleaving is what stays comparable between the runs. Each reading
+    waits `settle` seconds first, so that workers have made the batches they prefetch (`prefetch_factor` each)
+    within the round of their own run: a round consumes as many batches as its workers make."""
     seconds = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
-            start = time.process_time()
+            time.sleep(settle)
+            start = cpu_seconds()
             run()
-            seconds[name].append(time.process_time() - start)
+            time.sleep(settle)
+            seconds[name].append(cpu_seconds() - start)
     return seconds
 
 
@@ -78,10 +92,12 @@ def measure(src: Path, out: Path, resolution: int, batch: int) -> dict:
         (folder / str(label) / f"{key}.jpg").write_bytes(data)
     n = len(members) // batch * batch
 
-    def ours(flip: bool):
+    def ours(flip: bool, workers: int = 0, worker_type: str = "process"):
         # One stream for all rounds, as a run has: each round reads an epoch's worth of batches from where the last
-        # stopped (the new epoch's plan included); opening the index and shards once, 5-8 ms, is outside the rounds.
-        stream = iter(Stream(StreamConfig(index=str(out), batch_size=batch, num_workers=0, dtype="uint8", flip=flip)))
+        # stopped (the new epoch's plan included); opening the index and shards once, 5-8 ms, and starting the
+        # workers are outside the rounds.
+        stream = iter(Stream(StreamConfig(index=str(out), batch_size=batch, num_workers=workers,
+                                          worker_type=worker_type, dtype="uint8", flip=flip)))
         next(stream)
 
         def run():
@@ -89,15 +105,23 @@ def measure(src: Path, out: Path, resolution: int, batch: int) -> dict:
                 next(stream)
         return run
 
-    def baseline(dataset):
+    def baseline(dataset, workers: int = 0):
+        # persistent workers, started before the rounds, as ours are
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
+                                             drop_last=True, persistent_workers=workers > 0)
+        next(iter(loader))
+
         def run():
-            for _ in torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0,
-                                                 drop_last=True):
+            for _ in loader:
                 pass
         return run
 
-    pipelines = {"ours": ours(flip=True), "ours_no_flip": ours(flip=False), "imagefolder": baseline(imagefolder(folder)),
-                 "imagefolder_source": baseline(imagefolder(src, lambda image: centre_crop(image, resolution)))}
+    pipelines = {"ours": ours(flip=True), "ours_no_flip": ours(flip=False),
+                 "imagefolder": baseline(imagefolder(folder)),
+                 "imagefolder_source": baseline(imagefolder(src, lambda image: centre_crop(image, resolution))),
+                 "ours_1_worker": ours(flip=True, workers=1), "imagefolder_1_worker": baseline(imagefolder(folder), 1),
+                 "ours_1_thread": ours(flip=True, workers=1, worker_type="thread"),
+                 "ours_2_threads": ours(flip=True, workers=2, worker_type="thread")}
 
     payloads = [data for _, data, _ in members]
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in payloads]
@@ -149,8 +173,22 @@ def measure(src: Path, out: Path, resolution: int, batch: int) -> dict:
         # reading and decoding alone, as the ceiling has them: the same stream without its random flips
         "ours_no_flip_images_per_cpu_s": rates["ours_no_flip"],
         "fraction_of_decode_ceiling_no_flip": rates["ours_no_flip"] / ceiling,
+        # with one DataLoader worker: CPU of the process and the worker
+        "ours_1_worker_images_per_cpu_s": rates["ours_1_worker"],
+        "imagefolder_1_worker_images_per_cpu_s": rates["imagefolder_1_worker"],
+        "ratio_to_imagefolder_1_worker": rates["ours_1_worker"] / rates["imagefolder_1_worker"],
+        "fraction_of_decode_ceiling_1_worker": rates["ours_1_worker"] / ceiling,
+        # the same stream with worker threads instead of worker processes: CPU of the process, threads included
+        "ours_1_thread_images_per_cpu_s": rates["ours_1_thread"],
+        "fraction_of_decode_ceiling_1_thread": rates["ours_1_thread"] / ceiling,
+        "ours_2_threads_images_per_cpu_s": rates["ours_2_threads"],
+        "fraction_of_decode_ceiling_2_threads": rates["ours_2_threads"] / ceiling,
+        "ratio_to_imagefolder_1_worker_with_2_threads": rates["ours_2_threads"] / rates["imagefolder_1_worker"],
         "paired_median": {
             "ratio_to_imagefolder": paired("ours", per_round["imagefolder"]),
+            "ratio_to_imagefolder_1_worker": paired("ours_1_worker", per_round["imagefolder_1_worker"]),
+            "fraction_of_decode_ceiling_1_worker": paired("ours_1_worker", ceiling_per_round),
+            "fraction_of_decode_ceiling_2_threads": paired("ours_2_threads", ceiling_per_round),
             "ratio_to_imagefolder_source": paired("ours", per_round["imagefolder_source"]),
             "fraction_of_decode_ceiling": paired("ours", ceiling_per_round),
             "fraction_of_decode_ceiling_no_flip": paired("ours_no_flip", ceiling_per_round),
