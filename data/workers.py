@@ -88,7 +88,11 @@ def from_processes(batches_of: Callable[[int], Iterator[dict]], num_workers: int
 
 def from_threads(batches_of: Callable[[int], Iterator[dict]], num_workers: int) -> Iterator[dict]:
     """Batches made in `num_workers` threads of this process, each `PREFETCH` ahead. An exception in a worker is
-    raised here when its batch is due; closing this iterator stops the threads after their current batch."""
+    raised here when its batch is due; closing this iterator stops the threads after their current batch.
+
+    The threads are stopped also when the process exits with the stream open: the interpreter ends daemon
+    threads in the middle of whatever they run, and one inside a torch call then aborts the process (C++
+    `terminate`) instead of letting it exit with its error. atexit handlers run before that."""
     made = [queue.Queue(maxsize=PREFETCH) for _ in range(num_workers)]
     stop = threading.Event()
 
@@ -111,10 +115,16 @@ def from_threads(batches_of: Callable[[int], Iterator[dict]], num_workers: int) 
         except BaseException as e:  # raised in the consumer, in the order of the batches
             hand_over(w, e)
 
+    def shut_down() -> None:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
     threads = [threading.Thread(target=work, args=(w,), name=f"stream-worker-{w}", daemon=True)
                for w in range(num_workers)]
     for thread in threads:
         thread.start()
+    atexit.register(shut_down)
     try:
         active, i = list(range(num_workers)), 0  # a worker whose batches end leaves the rotation
         while active:
@@ -128,6 +138,5 @@ def from_threads(batches_of: Callable[[int], Iterator[dict]], num_workers: int) 
             yield item
             i = (i + 1) % len(active)
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+        atexit.unregister(shut_down)
+        shut_down()
