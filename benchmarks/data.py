@@ -60,10 +60,9 @@ def imagefolder(root: Path, *crop: Callable) -> torchvision.datasets.ImageFolder
         [*crop, transforms.RandomHorizontalFlip(), transforms.PILToTensor()]))
 
 
-def cpu_seconds() -> float:
-    """CPU seconds of this process and its children (DataLoader workers), to the nanosecond: each child's CPU-time
-    clock has the id that clock_getcpuclockid(3) gives, ((~pid) << 3) | 2 on Linux."""
-    children = psutil.Process().children(recursive=True)
+def cpu_seconds(children: list) -> float:
+    """CPU seconds of this process and the given children (DataLoader workers), to the nanosecond: each child's
+    CPU-time clock has the id that clock_getcpuclockid(3) gives, ((~pid) << 3) | 2 on Linux."""
     return time.process_time() + sum(time.clock_gettime(((~child.pid) << 3) | 2) for child in children)
 
 
@@ -73,13 +72,14 @@ def timed_rounds(runs: dict, rounds: int = 15, settle: float = 0.1) -> dict:
     waits `settle` seconds first, so that workers have made the batches they prefetch (`prefetch_factor` each)
     within the round of their own run: a round consumes as many batches as its workers make."""
     seconds = {name: [] for name in runs}
+    children = psutil.Process().children(recursive=True)  # workers persist; listing them costs ~1 ms, not timed
     for _ in range(rounds):
         for name, run in runs.items():
             time.sleep(settle)
-            start = cpu_seconds()
+            start = cpu_seconds(children)
             run()
             time.sleep(settle)
-            seconds[name].append(cpu_seconds() - start)
+            seconds[name].append(cpu_seconds(children) - start)
     return seconds
 
 

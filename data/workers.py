@@ -107,8 +107,8 @@ def from_threads(batches_of: Callable[[int], Iterator[dict]], num_workers: int) 
 
     def work(w: int) -> None:
         try:
-            with contextlib.closing(batches_of(w)) as batches:
-                for batch in batches:
+            with contextlib.closing(batches_of(w)) as own:
+                for batch in own:
                     if not hand_over(w, batch):
                         return
             hand_over(w, _DONE)
