@@ -10,8 +10,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="elbodiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train on the demo data with 2 CPU ranks, then the closed-form objective demo")
+    demo = sub.add_parser("demo", help="train on the demo data with 2 CPU ranks, evaluate it, then the closed-form "
+                          "objective demo")
     demo.add_argument("--out", default="demo-out", help="directory for everything the demo writes")
+    demo.add_argument("--inception", help="Inception weights for real FID and IS (torch-fidelity's "
+                      "weights-inception-2015-12-05-6726825d.pth); default: a fixed random initialisation")
 
     train = sub.add_parser("train", help="train one rank of a run (start it with torchrun, srun or a pod per rank)")
     train.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
@@ -44,10 +47,73 @@ def main(argv: list[str] | None = None) -> int:
     encode.add_argument("--processes", type=int, default=0, help="0: one per GPU, or one without GPUs")
     encode.add_argument("--overwrite", action="store_true")
 
+    ref = sub.add_parser("ref-stats", help="FID reference statistics (mu, sigma of Inception features) of a shard set")
+    ref.add_argument("shards", nargs="?", help="shard index (index.json, or its folder / s3 prefix)")
+    ref.add_argument("--out", required=True, help="the .npz to write")
+    ref.add_argument("--inception", help="Inception weights file (legacy: torch-fidelity's "
+                     "weights-inception-2015-12-05-6726825d.pth; clean: clean-fid's inception-2015-12-05.pt), "
+                     "or 'random' for the fixed random initialisation")
+    ref.add_argument("--fid-mode", default="legacy", choices=["legacy", "clean"],
+                     help="legacy: the TF resize ADM and EDM2 use; clean: clean-fid's PIL bicubic resize")
+    ref.add_argument("--n", type=int, default=0, help="use the first N images of the index (0: all)")
+    ref.add_argument("--batch-size", type=int, default=64)
+    ref.add_argument("--from-edm2", metavar="FILE.pkl", help="convert EDM2's reference pickle instead")
+
+    sample = sub.add_parser("sample", help="sample a checkpoint of a run; under torchrun the seeds are split over ranks")
+    sample.add_argument("run_uri", help="the run in its store: /path/to/store/RUN or s3://bucket/prefix/RUN")
+    sample.add_argument("--step", type=int, required=True, help="checkpoint step")
+    which = sample.add_mutually_exclusive_group()
+    which.add_argument("--ema", help="EMA weights by name (e.g. power-0.100, decay-0.9999)")
+    which.add_argument("--sigma-rel", type=float, help="post-hoc power EMA of this width from the run's snapshots")
+    sample.add_argument("--n", type=int, default=50000)
+    sample.add_argument("--seed", type=int, default=0, help="sample i uses seed (SEED, i)")
+    sample.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim"])
+    sample.add_argument("--steps", type=int, default=32)
+    sample.add_argument("--guidance", type=float, default=1.0)
+    sample.add_argument("--batch-size", type=int, default=64, help="per rank")
+    sample.add_argument("--out", help="folder for the images")
+    sample.add_argument("--format", default="png", choices=["png", "npz"],
+                        help="png: one file per sample; npz: ADM's layout (arr_0 images, arr_1 labels)")
+    sample.add_argument("--vae", help="local AutoencoderKL folder (latent runs)")
+    sample.add_argument("--inception", help="Inception weights: also compute FID against --ref")
+    sample.add_argument("--fid-mode", default="legacy", choices=["legacy", "clean"])
+    sample.add_argument("--ref", help="reference statistics .npz for FID")
+
+    service = sub.add_parser("eval-service", help="evaluate every checkpoint of the runs in a store, by any number "
+                             "of workers")
+    service.add_argument("--store", required=True, help="/path, file:///path or s3://bucket/prefix")
+    service.add_argument("--run", action="append", default=[], help="a run to watch (repeatable; default: every run)")
+    service.add_argument("--metrics", default="fid50k,is50k,bpd",
+                         help="comma-separated: fidN / fidNk, isN / isNk, bpd, fid_sweepN / fid_sweepNk")
+    service.add_argument("--ref", help="reference statistics .npz (fid, is needs none)")
+    service.add_argument("--inception", help="Inception weights file, or 'random' (metrics then named "
+                         "*_random_inception)")
+    service.add_argument("--fid-mode", default="legacy", choices=["legacy", "clean"])
+    service.add_argument("--val", help="validation shard index for bpd")
+    service.add_argument("--vae", help="local AutoencoderKL folder (latent runs)")
+    service.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim"])
+    service.add_argument("--steps", type=int, default=32)
+    service.add_argument("--guidance", type=float, default=1.0)
+    service.add_argument("--seed", type=int, default=0)
+    service.add_argument("--batch-size", type=int, default=64, help="per rank")
+    service.add_argument("--sweep", default="0.02,0.05,0.08,0.11,0.14,0.17,0.20",
+                         help="sigma_rel grid of fid_sweep metrics")
+    service.add_argument("--once", action="store_true", help="evaluate what is pending, then exit")
+    service.add_argument("--poll", type=float, default=60.0, help="seconds between looks at the store")
+    service.add_argument("--lease-seconds", type=float, default=300.0,
+                         help="a lease not renewed for this long may be taken over")
+    service.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL)")
+    service.add_argument("--store-retries", type=int, default=6,
+                         help="store failures in a row (1, 2, 4, ... s apart) before the service gives up")
+
     args = parser.parse_args(argv)
+    if args.command in ("ref-stats", "sample", "eval-service"):
+        from importlib import import_module
+        module = {"ref-stats": "eval.fid", "sample": "eval.sample", "eval-service": "eval.service"}[args.command]
+        return import_module(module).main(args)
     if args.command == "demo":
         from launch import demo as demo_mod
-        return demo_mod.main(args.out)
+        return demo_mod.main(args.out, args.inception)
     if args.command == "train":
         from trainer import train as train_mod
         from trainer.config import ConfigError

@@ -1,8 +1,15 @@
-"""`elbodiff demo`: a real training run on CPU, then the objective on data whose likelihood is known in closed form.
+"""`elbodiff demo`: a real training run on CPU, its evaluation, then the objective on data whose likelihood is known
+in closed form.
 
-Training: the embedded shapes dataset is written as shards, and configs/demo.yaml trains a tiny U-ViT on it with
-two ranks under torchrun (DDP over gloo) for a few minutes, with checkpoints, metrics and sample grids in a local
-store. The summary printed afterwards is read back from that store, never assumed.
+Training: the embedded shapes dataset is written as shards (and a held-out split), and configs/demo.yaml trains a
+small U-ViT on it with two ranks under torchrun (DDP over gloo) for a few minutes, with checkpoints, metrics and
+sample grids in a local store. The summary printed afterwards is read back from that store, never assumed.
+
+Evaluation: reference statistics of the training shards, then the evaluation service over the run (`--once`, two
+ranks): bits/dim on the held-out split, FID and Inception Score on a few hundred samples of every checkpoint, and
+the run's HTML report. Without Inception weights (`--inception PATH`) the Inception network is the real
+architecture with a fixed random initialisation, and its metrics are named `*_random_inception*`: they show the
+trend within this run and are not comparable with any published FID.
 
 Gaussian data has an analytic optimal denoiser and entropy, so the printed bound can be checked by eye:
 with the optimal denoiser the continuous-time bound equals the differential entropy (plus endpoint gaps of
@@ -31,27 +38,43 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESET = CONFIGS / "objectives" / "vdm_cifar10.yaml"
 RUN_CONFIG = CONFIGS / "demo.yaml"
 RANKS = 2  # one per core of a small machine
+VAL_IMAGES = 500  # the held-out split: other draws of the same ten classes (seed 1)
+REF_IMAGES = 512  # training images in the FID reference statistics
+SAMPLES = 256  # per checkpoint, for FID and IS: a few hundred (Inception runs at a few images/s per CPU core)
 
 
-def main(out: str) -> int:
-    code = train(out)
+def torchrun(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
+            "-m", "launch.cli", *argv]
+
+
+def main(out: str, inception: str | None = None, overrides: tuple[str, ...] = ()) -> int:
+    code = train(out, overrides)
     if code != 0:
-        print(f"demo training failed with exit code {code}; its output is above. The objective demo did not run.")
+        print(f"demo training failed with exit code {code}; its output is above. Nothing was evaluated.")
         return code
+    report = evaluate(out, inception)
+    if report is None:
+        print("demo evaluation failed; its output is above.")
+        return 1
     code = run(out)
-    print(f"everything is under {Path(out).resolve()}: data/ (shards), runs/demo/ (config.yaml, logs/metrics.jsonl, "
-          "samples/, checkpoints/), objective.json")
+    print(f"everything is under {Path(out).resolve()}: data/ and data-val/ (shards), runs/demo/ (config.yaml, "
+          "logs/metrics.jsonl, samples/, checkpoints/, evals/, report/), ref-stats.npz, objective.json")
+    print(f"the run's report: {report}")
     return code
 
 
-def train(out: str) -> int:
-    """Write the demo shards, train configs/demo.yaml on them from scratch, and print what the store holds."""
-    data, runs = Path(out) / "data", Path(out) / "runs"
+def train(out: str, overrides: tuple[str, ...] = ()) -> int:
+    """Write the demo shards and the held-out split, train configs/demo.yaml on them from scratch, and print what
+    the store holds."""
+    data, val, runs = Path(out) / "data", Path(out) / "data-val", Path(out) / "runs"
     index = demo_data.write(str(data), overwrite=True)  # the demo owns this folder; same settings keep the shards
-    print(f"demo shards: {sum(s['count'] for s in index['shards'])} images in {data.resolve()}")
+    held_out = demo_data.write(str(val), num_images=VAL_IMAGES, seed=1, overwrite=True)
+    print(f"demo shards: {index['num_samples']} images in {data.resolve()}, {held_out['num_samples']} held out in "
+          f"{val.resolve()}")
     shutil.rmtree(runs / "demo", ignore_errors=True)  # a fresh run each time; resuming a finished one trains nothing
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
-               "-m", "launch.cli", "train", str(RUN_CONFIG), f"store={runs.resolve()}", f"data.index={data.resolve()}"]
+    command = torchrun("train", str(RUN_CONFIG), f"store={runs.resolve()}", f"data.index={data.resolve()}",
+                       *overrides)
     print("training:", " ".join(command[2:]), flush=True)
     start = time.perf_counter()
     code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
@@ -71,6 +94,33 @@ def train(out: str) -> int:
     grids = [str(runs.resolve() / key) for key in store.list("demo/samples/")]
     print(f"  sample grids from the EMA weights: {', '.join(grids)}")
     return 0
+
+
+def evaluate(out: str, inception: str | None) -> str | None:
+    """Reference statistics, then the evaluation service over every checkpoint of the run; prints the results
+    read back from the store and returns the report's path (None when a step failed)."""
+    data, val, runs, ref = (Path(out).resolve() / name for name in ("data", "data-val", "runs", "ref-stats.npz"))
+    inception = inception or "random"
+    start = time.perf_counter()
+    # one process with both cores for the reference, then the service with one rank per core
+    for command, threads in (
+            ([sys.executable, "-m", "launch.cli", "ref-stats", str(data), "--out", str(ref), "--inception", inception,
+              "--n", str(REF_IMAGES)], "2"),
+            (torchrun("eval-service", "--store", str(runs), "--run", "demo", "--once", "--inception", inception,
+                      "--ref", str(ref), "--val", str(val), "--metrics", f"fid{SAMPLES},is,bpd"), "1")):
+        print("evaluating:", " ".join(command[1:]), flush=True)
+        if subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads}).returncode != 0:
+            return None
+    store = open_store(str(runs))
+    results = [json.loads(store.get(k)) for k in store.list("demo/evals/") if k.endswith(".json")]
+    print(f"evaluated {len({r['step'] for r in results})} checkpoints in {time.perf_counter() - start:.0f} s"
+          + ("" if inception != "random" else " (Inception with a fixed random initialisation: *_random_inception "
+             "metrics are not FID or IS)"))
+    for r in sorted(results, key=lambda r: (r["metric"], r["images_seen"] if "images_seen" in r else 0)):
+        value = f"{r['value']:.4g}" + (f" +- {r['stderr']:.2g}" if r.get("stderr") else "") if r["status"] == "ok" \
+            else f"{r['status']}: {r.get('error')}"
+        print(f"  {r['metric']:>26} at {r.get('images_seen', '?'):>6} images: {value} {r.get('unit', '')}")
+    return str(runs / "demo" / "report" / "index.html")
 
 
 def run(out: str, examples: int = 20000, seed: int = 0) -> int:

@@ -6,7 +6,7 @@ import torch.multiprocessing as mp
 from s3server import free_port
 from trainer.config import ConfigError, from_dict
 from trainer.ema import (EMA, EMAConfig, gamma_of_sigma_rel, gather_full, posthoc_coefficients, posthoc_combine,
-                         power_beta, power_name, sigma_rel_of_gamma)
+                         power_beta, power_name, power_profile_dot, sigma_rel_of_gamma)
 
 
 def test_classic_ema_with_several_decays_matches_closed_form(generator):
@@ -48,7 +48,7 @@ def test_power_ema_follows_beta_schedule_and_power_profile():
     torch.testing.assert_close(ema.averages[power_name(sigma_rel)][0].double(), weights, rtol=1e-5, atol=1e-7)
 
 
-def _synthetic_run(steps, snapshot_every, sigma_rels, generator):
+def _synthetic_run(steps, snapshot_every, sigma_rels, generator, offset=0.0):
     """A smooth drifting parameter trajectory with noise; returns the EMA and the snapshots taken along the way."""
     dim = 16
     freq = torch.rand(dim, generator=generator) * 3
@@ -57,7 +57,7 @@ def _synthetic_run(steps, snapshot_every, sigma_rels, generator):
     snapshots = []
     for t in range(1, steps + 1):
         u = t / steps
-        theta = torch.sin(freq * u * 6 + phase) + 2 * u + 0.05 * torch.randn(dim, generator=generator)
+        theta = offset + torch.sin(freq * u * 6 + phase) + 2 * u + 0.05 * torch.randn(dim, generator=generator)
         ema.update([theta])
         if t % snapshot_every == 0:
             snapshots += [(t, ema.gammas[name], {"w": ema.averages[name][0].clone()}) for name in ema.gammas]
@@ -145,3 +145,32 @@ def _sharded_worker(rank, world_size, port):
 @pytest.mark.slow  # two spawned processes: about 8 s idle, more on a loaded machine
 def test_per_rank_sharded_ema_consolidates_to_the_single_process_ema():
     mp.spawn(_sharded_worker, args=(2, free_port()), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("target", [0.02, 0.20])
+def test_posthoc_at_targets_outside_the_tracked_profiles_matches_a_directly_tracked_ema(generator, target):
+    # Weights far from zero: coefficients that do not sum to 1 would scale them visibly (the L2 fit alone sums to
+    # 0.73-1.48 at these targets).
+    steps = 2000
+    ema, all_snaps = _synthetic_run(steps, 200, (0.05, 0.10, target), generator, offset=10.0)
+    snaps = [s for s in all_snaps if s[1] != gamma_of_sigma_rel(target)]
+    x = posthoc_coefficients([s[0] for s in snaps], [s[1] for s in snaps], steps, gamma_of_sigma_rel(target))
+    assert float(x.sum()) == pytest.approx(1.0, abs=1e-9)
+    rebuilt = posthoc_combine([s[2] for s in snaps], x)["w"]
+    direct = ema.averages[power_name(target)][0]
+    spread = (ema.averages[power_name(0.05)][0] - ema.averages[power_name(0.10)][0]).abs().max()
+    error = (rebuilt - direct).abs().max()
+    assert error < 0.1 * spread
+    # The plain least-squares coefficients (summing to 0.986 and 0.989 here) miss by over 3x as much.
+    unnormalised = posthoc_combine([s[2] for s in snaps], x * _l2_sum(snaps, steps, target))["w"]
+    assert (unnormalised - direct).abs().max() > 3 * error
+
+
+def _l2_sum(snaps, steps, target):
+    """The sum of the plain least-squares coefficients (before normalisation)."""
+    t = torch.tensor([float(s[0]) for s in snaps], dtype=torch.float64)
+    g = torch.tensor([s[1] for s in snaps], dtype=torch.float64)
+    a = power_profile_dot(t[:, None], g[:, None], t[None, :], g[None, :])
+    b = power_profile_dot(t, g, torch.tensor(float(steps), dtype=torch.float64),
+                          torch.tensor(gamma_of_sigma_rel(target), dtype=torch.float64))
+    return float(torch.linalg.lstsq(a, b[:, None], driver="gelsd").solution.sum())

@@ -211,10 +211,14 @@ class S3Store:
         return self.prefix + _check_key(key)
 
     def put(self, key: str, data: bytes | str | os.PathLike) -> None:
+        # S3 serves an object with the type it was stored with: a page (the run's report) must say text/html, or a
+        # browser downloads it instead of showing it.
+        extra = {"ContentType": "text/html; charset=utf-8"} if key.endswith(".html") else None
         if isinstance(data, (bytes, bytearray, memoryview)):
-            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer)
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), ExtraArgs=extra,
+                                       Config=self.transfer)
         else:
-            self.client.upload_file(os.fspath(data), self.bucket, self._key(key), Config=self.transfer)
+            self.client.upload_file(os.fspath(data), self.bucket, self._key(key), ExtraArgs=extra, Config=self.transfer)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         # S3 answers 412 when the key exists, and 409 while a concurrent conditional write to the same key is in
