@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from eval import checkpoints, lease, metrics, sample
+from eval import bpd, checkpoints, fid, inception, lease, metrics, report, sample, stats
 from eval.metrics import Metric
 from eval.sample import Interrupted
 from trainer import checkpoint
@@ -48,7 +48,7 @@ class Settings:
     metrics: list[Metric]
     runs: list[str]
     sampling: sample.SampleSettings
-    reference: "fid.Reference | None"  # noqa: F821
+    reference: fid.Reference | None
     reference_path: str | None
     inception: str | None
     fid_mode: str
@@ -115,8 +115,7 @@ class Worker:
                                f"giving up: {one_line(e)}")
                     return 1
                 log.warning("store error (%d of %d, retrying in %d s): %s", failures, self.settings.retries,
-                            2 ** (failures - 1),
-                            one_line(e))
+                            2 ** (failures - 1), one_line(e))
                 self.stopping.wait(2 ** (failures - 1))
                 continue
             if self.settings.once and not evaluated:
@@ -210,24 +209,19 @@ class Worker:
         return should_stop
 
     def publish(self, run: str, step: int, metric: Metric, item: str, result: dict, seconds: float) -> None:
-        started = time.perf_counter()
         result = {"run": run, "step": step, "metric": metric.key, "kind": metric.kind, **result,
                   "code_version": code_version(), "worker": self.id,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        result.setdefault("timings", {})["storage"] = 0.0
-        body = lambda: json.dumps(result, indent=1).encode()  # noqa: E731 (storage time filled in below)
-        written = self.store.create_exclusive(result_key(run, step, metric), body())
+        written = self.store.create_exclusive(result_key(run, step, metric), json.dumps(result, indent=1).encode())
         lease.clear(self.store, item)
         if not written:
             self.event("skip", run, step, metric.key, reason="another worker wrote this result first")
             return
-        result["timings"]["storage"] = time.perf_counter() - started
         if result["status"] == "ok":
             self.event("done", run, step, metric.key, value=result["value"], seconds=round(seconds, 3))
         else:
             self.event("error", run, step, metric.key, status=result["status"], error=result["error"])
         try:
-            from eval import report
             report.write(self.store, run)
         except Exception as e:  # the report is a view of the results; it must never stop the evaluation
             log.error("report of run %s not rebuilt: %s", run, one_line(e))
@@ -235,19 +229,19 @@ class Worker:
     # ---- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, run: str, step: int, metric: Metric, should_stop: Callable[[], bool]) -> dict:
         """The result body of one item: status ok with the value, or bad_checkpoint / error with a one-line reason."""
-        timings: dict[str, float] = {}
         started = time.perf_counter()
         reason = self._agree(lambda: self._verify(run, step))
+        timings = {"storage": time.perf_counter() - started}  # reading and hashing every file of the checkpoint
         if reason is not None:
             if not self._agree(lambda: self.store.exists(checkpoint.checkpoint_prefix(run, step) + checkpoint.MANIFEST)):
                 raise Interrupted("the checkpoint was deleted (by retention) before it was evaluated")
             return {"status": "bad_checkpoint", "error": reason, "timings": timings}
         try:
             if metric.kind == "bpd":
-                return self._bpd(run, step, should_stop, timings, started)
+                return self._bpd(run, step, should_stop, timings)
             if metric.kind == "fid_sweep":
-                return self._sweep(run, step, metric, should_stop, timings, started)
-            return self._inception_metric(run, step, metric, should_stop, timings, started)
+                return self._sweep(run, step, metric, should_stop, timings)
+            return self._inception_metric(run, step, metric, should_stop, timings)
         except (ConfigError, ValueError, FileNotFoundError, checkpoints.BadCheckpoint) as e:
             status = "bad_checkpoint" if isinstance(e, checkpoints.BadCheckpoint) else "error"
             return {"status": status, "error": one_line(e), "timings": timings}
@@ -267,8 +261,7 @@ class Worker:
         timings["load"] = timings.get("load", 0.0) + time.perf_counter() - started
         return loaded
 
-    def _bpd(self, run, step, should_stop, timings, started) -> dict:
-        from eval import bpd
+    def _bpd(self, run, step, should_stop, timings) -> dict:
         loaded = self._load(run, step, timings)
         s = self.settings.sampling
         begin = time.perf_counter()
@@ -279,12 +272,12 @@ class Worker:
                 "n": out["n"], "unit": out["unit"], "warnings": [],
                 "settings": {"ema": loaded.ema, "seed": s.seed, "val": self.settings.val}, "timings": timings}
 
-    def _inception_metric(self, run, step, metric, should_stop, timings, started) -> dict:
+    def _inception_metric(self, run, step, metric, should_stop, timings) -> dict:
         loaded = self._load(run, step, timings)
         stats = self._sample_stats(run, step, loaded, metric.n, should_stop, timings)
         return self._finish(metric, loaded, stats, timings)
 
-    def _sweep(self, run, step, metric, should_stop, timings, started) -> dict:
+    def _sweep(self, run, step, metric, should_stop, timings) -> dict:
         curve = []
         for sigma_rel in self.settings.sweep:
             loaded = self._load(run, step, timings, sigma_rel=sigma_rel)
@@ -297,14 +290,12 @@ class Worker:
 
     def _features(self):
         if self.network is None:
-            from eval import inception
             self.network = inception.load(self.settings.inception, self.settings.fid_mode, device=self.device)
         return self.network
 
     def _sample_stats(self, run, step, loaded, n, should_stop, timings) -> tuple:
         """Feature and Inception Score statistics of n samples of `loaded`, reduced over ranks; the newest are
         kept, so fid and is of the same checkpoint and settings sample once."""
-        from eval import fid, stats
         s = self.settings.sampling
         identity = (run, step, loaded.ema, n, s)
         if self.last_sampling and self.last_sampling[0] == identity:
@@ -348,7 +339,6 @@ class Worker:
         return LatentVAE.from_pretrained(self.settings.vae, loaded.latent["scale"], loaded.latent["shift"]).to(self.device)
 
     def _finish(self, metric: Metric, loaded, sampled: tuple, timings: dict) -> dict:
-        from eval import fid
         features, scores, resolution = sampled
         s = self.settings.sampling
         warnings = []
@@ -393,7 +383,6 @@ def code_version() -> str:
 
 def settings_from(args) -> Settings:
     """The command line as Settings, checked before any work: every user mistake is one ValueError line."""
-    from eval import fid, inception
     random = args.inception == "random"
     suffix = metrics.settings_suffix(args.sampler, args.steps, args.guidance, args.seed,
                                      defaults={"sampler": "ddim", "steps": 32, "guidance": 1.0, "seed": 0})
@@ -440,8 +429,7 @@ def main(args) -> int:
         try:
             network = worker._features()
             if settings.reference is not None:
-                from eval import fid
-                fid.check_compatible(settings.reference, settings.reference.resolution or 0, network.extractor)
+                        fid.check_compatible(settings.reference, settings.reference.resolution or 0, network.extractor)
         except (ValueError, FileNotFoundError) as e:
             print(f"elbodiff eval-service: {one_line(e)}", file=sys.stderr)
             return 2

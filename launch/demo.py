@@ -39,7 +39,8 @@ PRESET = CONFIGS / "objectives" / "vdm_cifar10.yaml"
 RUN_CONFIG = CONFIGS / "demo.yaml"
 RANKS = 2  # one per core of a small machine
 VAL_IMAGES = 500  # the held-out split: other draws of the same ten classes (seed 1)
-REF_IMAGES = 512  # training images in the FID reference statistics
+REF_IMAGES = 256  # training images in the FID reference statistics
+GUIDANCE = 3.0  # as the run's sample grids (configs/demo.yaml)
 SAMPLES = 256  # per checkpoint, for FID and IS: a few hundred (Inception runs at a few images/s per CPU core)
 
 
@@ -107,7 +108,8 @@ def evaluate(out: str, inception: str | None) -> str | None:
             ([sys.executable, "-m", "launch.cli", "ref-stats", str(data), "--out", str(ref), "--inception", inception,
               "--n", str(REF_IMAGES)], "2"),
             (torchrun("eval-service", "--store", str(runs), "--run", "demo", "--once", "--inception", inception,
-                      "--ref", str(ref), "--val", str(val), "--metrics", f"fid{SAMPLES},is,bpd"), "1")):
+                      "--ref", str(ref), "--val", str(val), "--metrics", f"fid{SAMPLES},is,bpd",
+                      "--guidance", str(GUIDANCE)), "1")):
         print("evaluating:", " ".join(command[1:]), flush=True)
         if subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads}).returncode != 0:
             return None

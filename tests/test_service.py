@@ -186,3 +186,30 @@ def test_a_config_that_cannot_rebuild_the_network_is_an_error_result_and_the_ser
     assert {(e["run"], e["event"]) for e in seen if e["event"] != "start"} == {("good", "done"), ("broken", "error")}
     result = json.loads(store.get("broken/evals/000000001/bpd.json"))
     assert result["status"] == "error" and "does not rebuild the network" in result["error"]
+
+
+@pytest.mark.slow
+def test_fid_is_and_the_posthoc_sweep_of_a_run_with_power_ema_snapshots(tmp_path, data):
+    from eval import fid, inception
+    store = open_store(str(tmp_path / "store"))
+    make_run(store, RUN, [4, 8])
+    ref = tmp_path / "ref.npz"
+    fid.save_reference(fid.ref_stats(str(data), inception.load("random"), n=16, batch_size=16), str(ref))
+    code, seen, err = service(store.uri, "--metrics", "fid10,is,fid_sweep10", "--inception", "random", "--ref", str(ref),
+                              "--sweep", "0.03,0.15", "--batch-size", "10", "--run", RUN, "--once")
+    assert code == 0, err[-3000:]
+    assert sorted((e["step"], e["metric"]) for e in seen if e["event"] == "done") == sorted(
+        (s, m) for s in (4, 8) for m in ("fid_random_inception10", "is_random_inception10",
+                                         "fid_sweep_random_inception10"))
+    fid10 = json.loads(store.get(f"{RUN}/evals/000000008/fid_random_inception10.json"))
+    assert fid10["value"] > 0 and fid10["n"] == 10 and fid10["reference"]["id"] == fid.load_reference(str(ref)).id()
+    assert "fewer than the 2048 feature dimensions" in fid10["warnings"][0]
+    assert set(fid10["timings"]) >= {"load", "sampling", "features", "statistics", "storage"}
+    score = json.loads(store.get(f"{RUN}/evals/000000008/is_random_inception10.json"))
+    assert score["value"] >= 1 and score["stderr"] >= 0
+    sweep = json.loads(store.get(f"{RUN}/evals/000000008/fid_sweep_random_inception10.json"))
+    assert [c["sigma_rel"] for c in sweep["curve"]] == [0.03, 0.15]
+    assert sweep["best"] == min(sweep["curve"], key=lambda c: c["value"]) and sweep["value"] == sweep["best"]["value"]
+    assert sweep["curve"][0]["value"] != sweep["curve"][1]["value"]  # two different synthesised networks
+    page = store.get(f"{RUN}/report/index.html").decode()
+    assert "fid_sweep_random_inception10" in page and "fid_random_inception10" in page

@@ -70,6 +70,7 @@ class ExperimentConfig:
     log_every_images: int = 2**14
     sample_every_images: int = 2**18  # a grid from the EMA weights, rank 0; 0: none (latent runs)
     sample_steps: int = 32  # DDIM steps of that grid: a progress picture, not an evaluation
+    sample_guidance: float = 1.0  # classifier-free guidance of that grid (conditional networks)
 
     def __post_init__(self):
         if not self.run or "/" in self.run:
@@ -78,6 +79,8 @@ class ExperimentConfig:
             raise ConfigError("total_images and log_every_images must be positive, sample_every_images >= 0")
         if self.sample_steps < 1:
             raise ConfigError(f"sample_steps must be at least 1, found {self.sample_steps}")
+        if self.sample_guidance < 0:
+            raise ConfigError(f"sample_guidance must be >= 0, found {self.sample_guidance}")
         self.network.build_config()  # an unknown preset or field fails at load time, not after start-up
 
     def check_intervals(self, global_batch: int) -> None:

@@ -185,8 +185,10 @@ def sample_grid(p: Parts, weights: dict[str, Tensor]) -> bytes:
     columns = min(max(c.num_classes, 1), 10)  # an unconditional network (num_classes 0) takes the null class 0
     cond = torch.arange(SAMPLE_ROWS * columns, device=p.device) % columns
     shape = (len(cond), c.in_channels, c.resolution, c.resolution)
+    guidance = p.cfg.sample_guidance if c.num_classes else 1.0
     x = samplers.ddim(net, shape, cond, schedule=schedules.build(p.cfg.objective.schedule),
-                      steps=p.cfg.sample_steps, generator=torch.Generator().manual_seed(p.cfg.seed), device=p.device)
+                      steps=p.cfg.sample_steps, generator=torch.Generator().manual_seed(p.cfg.seed),
+                      guidance=guidance, null_class=c.num_classes, device=p.device)
     pixels = objective.decode_pixels(x.cpu()).reshape(SAMPLE_ROWS, columns, *shape[1:])
     grid = pixels.permute(0, 3, 1, 4, 2).reshape(SAMPLE_ROWS * c.resolution, columns * c.resolution, c.in_channels)
     out = io.BytesIO()
