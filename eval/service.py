@@ -303,7 +303,8 @@ class Worker:
         network = self._features()
         settings = sample.SampleSettings(n=n, sampler=s.sampler, steps=s.steps, guidance=s.guidance, seed=s.seed,
                                          batch_size=s.batch_size)
-        features, scores = stats.FeatureStats(network.num_features), stats.InceptionScoreStats()
+        features = stats.FeatureStats(network.num_features, device=self.device)
+        scores = stats.InceptionScoreStats(device=self.device)
         resolution = None
         batches = sample.generate(loaded, settings, rank=self.rank, world=self.world, device=self.device,
                                   vae=self._vae(loaded), should_stop=should_stop)
@@ -319,6 +320,8 @@ class Worker:
             features.update(pool)
             if logits is not None:
                 scores.update(logits, ids)
+            if self.device.type == "cuda":  # the split between sampling and features is only true once both ran
+                torch.cuda.synchronize(self.device)
             begin = time.perf_counter()
             timings["features"] = timings.get("features", 0.0) + begin - mid
         begin = time.perf_counter()

@@ -49,12 +49,13 @@ def torchrun(*argv: str) -> list[str]:
             "-m", "launch.cli", *argv]
 
 
-def main(out: str, inception: str | None = None, overrides: tuple[str, ...] = ()) -> int:
+def main(out: str, inception: str | None = None, overrides: tuple[str, ...] = (), samples: int = SAMPLES,
+         ref_images: int = REF_IMAGES) -> int:
     code = train(out, overrides)
     if code != 0:
         print(f"demo training failed with exit code {code}; its output is above. Nothing was evaluated.")
         return code
-    report = evaluate(out, inception)
+    report = evaluate(out, inception, samples, ref_images)
     if report is None:
         print("demo evaluation failed; its output is above.")
         return 1
@@ -97,7 +98,7 @@ def train(out: str, overrides: tuple[str, ...] = ()) -> int:
     return 0
 
 
-def evaluate(out: str, inception: str | None) -> str | None:
+def evaluate(out: str, inception: str | None, samples: int = SAMPLES, ref_images: int = REF_IMAGES) -> str | None:
     """Reference statistics, then the evaluation service over every checkpoint of the run; prints the results
     read back from the store and returns the report's path (None when a step failed)."""
     data, val, runs, ref = (Path(out).resolve() / name for name in ("data", "data-val", "runs", "ref-stats.npz"))
@@ -106,9 +107,9 @@ def evaluate(out: str, inception: str | None) -> str | None:
     # one process with both cores for the reference, then the service with one rank per core
     for command, threads in (
             ([sys.executable, "-m", "launch.cli", "ref-stats", str(data), "--out", str(ref), "--inception", inception,
-              "--n", str(REF_IMAGES)], "2"),
+              "--n", str(ref_images)], "2"),
             (torchrun("eval-service", "--store", str(runs), "--run", "demo", "--once", "--inception", inception,
-                      "--ref", str(ref), "--val", str(val), "--metrics", f"fid{SAMPLES},is,bpd",
+                      "--ref", str(ref), "--val", str(val), "--metrics", f"fid{samples},is,bpd",
                       "--guidance", str(GUIDANCE)), "1")):
         print("evaluating:", " ".join(command[1:]), flush=True)
         if subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": threads}).returncode != 0:

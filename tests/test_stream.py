@@ -418,11 +418,23 @@ def test_dataloader_workers_survive_the_stop_signal_meant_for_their_rank(tmp_pat
     next(stream)
     workers = set(psutil.Process().children()) - before
     assert len(workers) == 2
+    # a worker still starting (the other one made the first batch) has not reached its init function yet
+    deadline = time.monotonic() + 30
+    while not all(_ignores(w.pid, signal.SIGTERM) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for worker in workers:
         worker.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     assert all(worker.is_running() for worker in workers)
     assert len(take(stream, 10)) == 10
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    """Whether the process ignores `sig`, from the SigIgn mask in /proc/<pid>/status."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
 
 
 CRASH_WITH_OPEN_STREAMS = """
