@@ -45,8 +45,9 @@ SAMPLES = 256  # per checkpoint, for FID and IS: a few hundred (Inception runs a
 
 
 def torchrun(*argv: str) -> list[str]:
+    # "--": torchrun's parser would read our --run as an abbreviation of its own --run-path and stop.
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
-            "-m", "launch.cli", *argv]
+            "-m", "--", "launch.cli", *argv]
 
 
 def main(out: str, inception: str | None = None, overrides: tuple[str, ...] = (), samples: int = SAMPLES,
