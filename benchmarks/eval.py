@@ -4,7 +4,8 @@ service's overhead against a bare script doing the same work. Prints JSON.
 The bare script is what one writes by hand: load the EMA network, sample n images, Inception features, Frechet
 distance. The service does the same item through `eval.service.Worker.take`: lease, manifest verification (every
 file hashed), renewal thread, result written with create_exclusive, report rebuilt. Both sides share one loaded
-Inception network and alternate round by round; the overhead is the median of the per-round ratios.
+Inception network and take turns, the first side swapped each round (bare then service, service then bare): the
+overhead is the median of the per-round ratios. glibc's malloc keeps freed memory, as in the service itself.
 
     .venv/bin/python -m benchmarks.eval --n 128 --rounds 3
 """
@@ -24,7 +25,7 @@ import torch
 
 from data import demo
 from eval import checkpoints, fid, inception, metrics, sample, service, stats
-from trainer import checkpoint, config
+from trainer import checkpoint, config, train
 from trainer.ema import EMA
 from trainer.experiment import ExperimentConfig
 from trainer.store import open_store
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    train.keep_freed_memory()
     network = inception.load("random")
     result = {"machine": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
               "inception_images_per_s": {f"{r}x{r}": throughput(network, r, args.batch_size, 3) for r in (32, 64, 256)}}
@@ -83,10 +85,13 @@ def main() -> None:
         settings = sample.SampleSettings(n=args.n, batch_size=args.batch_size)
         metric = metrics.parse(f"fid{args.n}", random_inception=True)[0]
         ratios, bare_s, service_s, timings = [], [], [], []
-        for _ in range(args.rounds):
+
+        def run_bare():
             start = time.perf_counter()
             bare(store, network, reference, settings)
             bare_s.append(time.perf_counter() - start)
+
+        def run_service():
             for key in store.list(f"{RUN}/evals/") + store.list(f"{RUN}/report/"):
                 store.delete(key)
             worker = service.Worker(store, service.Settings(
@@ -99,6 +104,10 @@ def main() -> None:
                 assert worker.take(RUN, 1, metric) == 1
             service_s.append(time.perf_counter() - start)
             timings.append(json.loads(store.get(service.result_key(RUN, 1, metric)))["timings"])
+
+        for i in range(args.rounds):
+            for side in (run_bare, run_service) if i % 2 == 0 else (run_service, run_bare):
+                side()
             ratios.append(service_s[-1] / bare_s[-1])
     result.update({"n": args.n, "bare_s": bare_s, "service_s": service_s, "service_over_bare": ratios,
                    "service_over_bare_median": statistics.median(ratios),

@@ -37,6 +37,7 @@ from eval.sample import Interrupted
 from trainer import checkpoint
 from trainer.config import ConfigError
 from trainer.store import STORE_ERRORS, Store, StoreUnreachable, open_store
+from trainer.train import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -427,12 +428,14 @@ def main(args) -> int:
         print(f"elbodiff eval-service: {one_line(e)}", file=sys.stderr)
         return 2
     rank, world, device = sample.distributed()
+    if device.type == "cpu":  # Inception's large activation buffers, freed and reallocated every batch
+        keep_freed_memory()
     worker = Worker(store, settings, rank, world, device)
     if settings.inception:  # a missing or wrong weights file fails now, not at the first item
         try:
             network = worker._features()
             if settings.reference is not None:
-                        fid.check_compatible(settings.reference, settings.reference.resolution or 0, network.extractor)
+                fid.check_compatible(settings.reference, settings.reference.resolution or 0, network.extractor)
         except (ValueError, FileNotFoundError) as e:
             print(f"elbodiff eval-service: {one_line(e)}", file=sys.stderr)
             return 2
