@@ -103,7 +103,7 @@ def load_run_config(store: Store, run: str) -> ExperimentConfig:
     """The run's `config.yaml`, parsed as strictly as `trainer.config.load` parses a config file."""
     key = f"{run}/config.yaml"
     try:
-        data = yaml.safe_load(store.get(key))
+        data = config.read_yaml(store.get(key))
     except FileNotFoundError:
         raise ConfigError(f"{store.uri}/{key} not found: the trainer writes it when a run starts") from None
     except yaml.YAMLError as e:

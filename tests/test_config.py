@@ -28,6 +28,18 @@ def test_yaml_and_overrides_build_typed_config(tmp_path):
     assert config.from_dict(Outer, config.to_dict(cfg)) == cfg
 
 
+def test_floats_with_an_exponent_and_no_dot_are_numbers_in_files_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("inner:\n  lr: 2e-4\n  betas: [9e-1, 1.5E+0]\n")
+    assert config.load(Outer, path).inner == Inner(lr=2e-4, betas=(0.9, 1.5))
+    assert config.load(Outer, path, ["inner.lr=1e-4"]).inner.lr == 1e-4
+    assert config.load(Outer, path, ["inner.lr=-3E-5"]).inner.lr == -3e-5
+    # integers, dotted floats and other strings read as before
+    assert config.read_yaml("[10, 1.0e-4, 0x1f, 1e, e5, 1_000, .5]") == [10, 1e-4, 31, "1e", "e5", 1000, 0.5]
+    with pytest.raises(config.ConfigError, match="inner.lr: expected a number, found '1e'"):
+        config.load(Outer, path, ["inner.lr=1e"])
+
+
 def test_unknown_key_names_the_key_and_the_closest_valid_one():
     with pytest.raises(config.ConfigError, match=r"unknown key 'inner.lrr'; did you mean 'lr'"):
         config.from_dict(Outer, {"inner": {"lrr": 1.0}})

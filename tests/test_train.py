@@ -1,5 +1,7 @@
 import io
+import os
 import platform
+import signal
 import subprocess
 import sys
 
@@ -123,6 +125,20 @@ def test_unreachable_store_is_reported_before_training_starts(tmp_path, data, ca
     assert "not a writable directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("store=s3://", "store: store URI 's3://' names no bucket; expected s3://bucket/prefix"),
+    ("store=gs://b/x", "store: store URI 'gs://b/x' has unknown scheme 'gs'; supported: /path, file:///path, "
+                       "s3://bucket/prefix"),
+    ("data.index={tmp}/no-shards", "data.index: no shard index at {tmp}/no-shards/index.json: write shards with "
+                                   "`elbodiff shards` first"),
+])
+def test_a_wrong_store_uri_or_data_index_is_one_line_naming_the_key(tmp_path, data, capsys, setting, message):
+    argv = ["train", str(DEMO), f"data.index={data}", f"store={tmp_path}/runs", setting.format(tmp=tmp_path)]
+    assert cli(argv) == 2
+    assert capsys.readouterr().err == f"elbodiff train: {message.format(tmp=tmp_path)}\n"
+    assert not (tmp_path / "runs" / "demo").exists()  # nothing of the run was written
+
+
 def test_intervals_that_are_not_whole_global_batches_are_refused(data, tmp_path):
     cfg = config.load(ExperimentConfig, DEMO, settings(data, tmp_path, total=100))
     with pytest.raises(config.ConfigError, match="total_images"):
@@ -147,6 +163,48 @@ def test_nonfinite_steps_are_skipped_then_training_stops_with_a_clear_message(da
         train.train(cfg, open_store(str(tmp_path)), Accelerator(cpu=True))
     logged = metrics(tmp_path)
     assert [(r["loss"], r["skipped_steps"]) for r in logged] == [(None, 1), (None, 2)]
+
+
+class FullAt:
+    """A local store whose disk is full for the keys under one prefix (ENOSPC, as a full tmpfs raises it)."""
+
+    def __init__(self, store, prefix):
+        self.store, self.prefix = store, prefix
+
+    def put(self, key, data):
+        if key.startswith(self.prefix):
+            raise OSError(28, "No space left on device", key)
+        return self.store.put(key, data)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_a_run_whose_last_checkpoint_fails_exits_1_naming_the_newest_complete_one(data, tmp_path, caplog, monkeypatch,
+                                                                                 stop):
+    from accelerate import Accelerator
+
+    cfg = config.load(ExperimentConfig, DEMO, settings(data, tmp_path, total=2 * CHECKPOINT_EVERY, sample_every=0))
+    last = 2 * CHECKPOINT_EVERY // cfg.data.batch_size  # one process: a step is one rank's batch
+    if stop:  # a stop signal after the first checkpoint: the checkpoint written for it fails
+        last = CHECKPOINT_EVERY // cfg.data.batch_size + 1
+        cfg.total_images = 10 * CHECKPOINT_EVERY
+        step = train.train_step
+
+        def signalled(p, batch, images_seen):
+            if images_seen == CHECKPOINT_EVERY:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(p, batch, images_seen)
+
+        monkeypatch.setattr(train, "train_step", signalled)
+    store = FullAt(open_store(str(tmp_path)), f"demo/checkpoints/{last:09d}/")
+    with caplog.at_level("ERROR"):
+        code = train.train(cfg, store, Accelerator(cpu=True))
+    assert code == train.EXIT_CHECKPOINT_FAILED == 1
+    first = CHECKPOINT_EVERY // cfg.data.batch_size
+    assert checkpoint.complete_steps(store, "demo") == [first]
+    assert f"the newest complete checkpoint is {first:09d}" in caplog.text
 
 
 def test_uint8_batches_train_exactly_like_the_streams_float_batches(data, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,21 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` and `2e-4` as strings (its floats need a dot and a signed exponent); learning rates
+    are written that way, so floats are read as YAML 1.2 (and Python) write them."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str | bytes) -> Any:
+    """YAML as configs are read: safe, with YAML 1.2 floats."""
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -116,7 +132,7 @@ def to_dict(cfg: Any) -> dict:
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply `key.sub=value` strings; values are parsed as YAML scalars/lists (`lr=1e-4`, `betas=[0.9,0.99]`)."""
-    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+    data = read_yaml(yaml.safe_dump(data)) or {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
@@ -127,7 +143,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{k}' is a value, not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[keys[-1]] = read_yaml(raw)
     return data
 
 
@@ -138,7 +154,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, found {type(data).__name__}")
     return from_dict(cls, apply_overrides(data, overrides))

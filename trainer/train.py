@@ -11,7 +11,9 @@ process group (gloo on CPU, NCCL on GPUs) and the step itself is plain PyTorch. 
 Stopping. SIGTERM (scancel, Kubernetes eviction, torchrun forwarding its own SIGTERM) and SIGUSR1
 (`sbatch --signal=USR1@120`) let the current step finish; the ranks agree on it in the per-step all-reduce,
 write a checkpoint and exit with EXIT_REQUEUE = 75 (EX_TEMPFAIL of sysexits.h: "try again later"). A launcher
-that sees 75 requeues the job (`scontrol requeue $SLURM_JOB_ID`), and the next start resumes from that checkpoint.
+that sees 75 requeues the job (`scontrol requeue $SLURM_JOB_ID`), and the next start resumes from that checkpoint. When the
+run's last checkpoint (at the end, or for a stop signal) cannot be written, every rank exits with 1 and rank 0 logs
+the newest complete checkpoint: a launcher must not take the run for finished.
 
 Written to the store, under `<run>/`: `config.yaml` (the resolved config, at every start), `logs/metrics.jsonl`
 and `tensorboard/` (one record per log interval, from rank 0: trainer/metrics.py),
@@ -49,6 +51,7 @@ from trainer.store import Store, open_store
 log = logging.getLogger(__name__)
 
 EXIT_REQUEUE = 75
+EXIT_CHECKPOINT_FAILED = 1
 SAMPLE_ROWS = 2  # the grid has one column per class (at most 10) and this many rows
 
 
@@ -226,6 +229,16 @@ def save_checkpoint(p: Parts, store: Store, stream: Stream, progress: Progress, 
                            ema_metadata={name: p.ema.metadata(name) for name in ema}, cfg=cfg.checkpoint)
 
 
+def last_checkpoint_complete(p: Parts, saved: bool) -> bool:
+    """Whether the run's last checkpoint is complete, as rank 0 knows it (the others know only their own files),
+    so that every rank exits with the same code."""
+    if p.world_size == 1:
+        return saved
+    flag = torch.tensor([float(saved)], device=p.device)
+    dist.broadcast(flag, src=0)
+    return bool(flag[0] > 0)
+
+
 def resume(p: Parts, store: Store, stream: Stream) -> Progress:
     """Load the newest complete checkpoint, chosen by rank 0 so that every rank loads the same one."""
     step = [checkpoint.latest_complete(store, p.cfg.run) if p.rank == 0 else None]
@@ -266,13 +279,18 @@ def train(cfg: ExperimentConfig, store: Store, accelerator: Accelerator) -> int:
     rank, world_size = accelerator.process_index, accelerator.num_processes
     global_batch = cfg.data.batch_size * world_size
     cfg.check_intervals(global_batch)
-    stream = Stream(cfg.data, rank, world_size)
+    try:
+        stream = Stream(cfg.data, rank, world_size)
+    except (FileNotFoundError, ValueError) as e:  # the index is read before anything is trained
+        raise ConfigError(f"data.index: {e}") from None
     if cfg.sample_every_images and stream.kind != "images":
         raise ConfigError(f"{cfg.data.index} holds {stream.kind}: sample grids need images (the latent decoder "
                           "belongs to evaluation); set sample_every_images=0")
+    if rank == 0:  # once the data is known to be there: a run that cannot start leaves nothing behind
+        store.put(f"{cfg.run}/config.yaml", config.dump(cfg).encode())
     p = build_parts(cfg, rank, world_size, accelerator.device, accelerator)
     progress = resume(p, store, stream)
-    batches, stop = iter(stream), False
+    batches, stop, saved = iter(stream), False, True
     with StopSignals() as signals, MetricsLog(store, cfg, progress.images_seen, rank == 0, p.device) as metrics:
         while progress.images_seen < cfg.total_images and not stop:
             loss, grad_norm, logsnr, losses = train_step(p, next(batches), progress.images_seen)
@@ -295,7 +313,14 @@ def train(cfg: ExperimentConfig, store: Store, accelerator: Accelerator) -> int:
                               sample_grid(p, weights))
             if (progress.images_seen % cfg.checkpoint.every_images == 0 or stop
                     or progress.images_seen >= cfg.total_images):
-                save_checkpoint(p, store, stream, progress, accelerator.wait_for_everyone)
+                saved = save_checkpoint(p, store, stream, progress, accelerator.wait_for_everyone)
+    if not last_checkpoint_complete(p, saved):
+        newest = checkpoint.latest_complete(store, cfg.run) if rank == 0 else None
+        if rank == 0:
+            log.error("the run's last checkpoint (%d images seen) was not written; the newest complete checkpoint is "
+                      "%s; exiting with %d", progress.images_seen,
+                      f"{newest:09d}" if newest is not None else "none", EXIT_CHECKPOINT_FAILED)
+        return EXIT_CHECKPOINT_FAILED
     if stop:
         log.warning("stopped by %s at %d images seen; checkpoint written, exiting with %d to be requeued",
                     signals.received or "another rank's signal", progress.images_seen, EXIT_REQUEUE)
@@ -320,7 +345,10 @@ def keep_freed_memory() -> None:
 
 def main(config_path: str, overrides: Sequence[str] = ()) -> int:
     cfg = config.load(ExperimentConfig, config_path, overrides)
-    store = open_store(cfg.store)
+    try:
+        store = open_store(cfg.store)
+    except ValueError as e:
+        raise ConfigError(f"store: {e}") from None
     store.check_reachable()  # before any process group or network exists: fail in seconds, not at a checkpoint
     # On CPU, cpu=True is what makes accelerate read torchrun's environment; without it every rank believes it
     # is alone and trains its own model. The world size is checked against the launcher's for that reason.
@@ -333,6 +361,4 @@ def main(config_path: str, overrides: Sequence[str] = ()) -> int:
                            f"{accelerator.num_processes}")
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format=f"[rank {accelerator.process_index}] %(message)s")
-    if accelerator.is_main_process:
-        store.put(f"{cfg.run}/config.yaml", config.dump(cfg).encode())
     return train(cfg, store, accelerator)
