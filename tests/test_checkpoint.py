@@ -155,9 +155,27 @@ def test_corrupted_byte_fails_verification_and_resume_takes_the_previous_checkpo
     raw[len(raw) // 2] ^= 0x01
     path.write_bytes(bytes(raw))
     assert not verify(store, RUN, 2) and verify(store, RUN, 1)
-    assert latest_complete(store, RUN) == 1
     with pytest.raises(ValueError, match="does not match"):
         load_rank(store, RUN, 2, 0, 1)
+    assert latest_complete(store, RUN) == 1
+
+
+def test_a_corrupted_checkpoint_is_set_aside_so_that_its_step_is_written_again_and_retention_skips_it(tmp_path):
+    store = open_store(str(tmp_path))
+    for step in (1, 2, 3):
+        assert save_one(store, step)
+    prefix = f"{RUN}/checkpoints/000000003/"
+    manifest = store.get(prefix + "manifest.json").decode()
+    store.delete(prefix + "rank-00000.pt")
+    assert latest_complete(store, RUN) == 2
+    assert complete_steps(store, RUN) == [1, 2]
+    rejected = json.loads(store.get(prefix + "manifest.json.rejected"))
+    assert rejected["manifest"] == manifest
+    assert rejected["reason"].startswith("FileNotFoundError") and rejected["reason"].endswith("rank-00000.pt'")
+    # the resumed run writes step 3 again, and retention counts only the complete ones
+    assert save_one(store, 3, cfg=CheckpointConfig(every_images=64, keep_last=2))
+    assert complete_steps(store, RUN) == [2, 3] and latest_complete(store, RUN) == 3
+    assert not store.exists(prefix + "manifest.json.rejected")  # cleared with the old attempt's leftovers
 
 
 class FailingStore:

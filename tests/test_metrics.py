@@ -130,6 +130,56 @@ def test_tensorboard_events_are_uploaded_to_s3_at_every_interval(tmp_path, s3_en
     assert records(store)[0]["loss"] == 1.5
 
 
+class Failing:
+    """A local store whose puts under `prefixes` raise ENOSPC while `full` is set (a full disk)."""
+
+    def __init__(self, store, *prefixes):
+        self.store, self.prefixes, self.full, self.refused = store, prefixes, True, 0
+
+    def put(self, key, data):
+        if self.full and key.startswith(self.prefixes):
+            self.refused += 1
+            raise OSError(28, "No space left on device", key)
+        return self.store.put(key, data)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_best_effort_backs_off_1_2_4_seconds_and_resets_after_a_success(caplog):
+    now, calls = [0.0], []
+
+    def write():
+        calls.append(now[0])
+        if len(calls) <= 3:
+            raise OSError(28, "No space left on device")
+
+    upload = metrics.BestEffort("metrics.jsonl", clock=lambda: now[0])
+    for t in [0, 0.5, 1, 2, 2.9, 3, 6.9, 7, 7.1]:
+        now[0] = t
+        upload(write)
+    assert calls == [0, 1, 3, 7, 7.1]  # failures at 0, 1 and 3 back off 1, 2 and 4 s; the 4th write succeeds
+    assert upload.failures == 0
+    assert "could not write metrics.jsonl: [Errno 28] No space left on device; training goes on" in caplog.text
+    assert "metrics.jsonl written again after 3 failed write(s)" in caplog.text
+    now[0] = 7.2
+    assert upload(lambda: (_ for _ in ()).throw(OSError(5, "EIO"))) is False
+    assert upload(write, force=True) is True  # force: the run's last write, whatever the backoff
+
+
+def test_metrics_and_tensorboard_writes_that_fail_are_logged_and_the_last_write_carries_every_record(tmp_path,
+                                                                                                   caplog):
+    store = Failing(open_store(str(tmp_path)), "demo/logs/", "demo/tensorboard/")
+    with caplog.at_level(logging.WARNING), MetricsLog(store, experiment(), 0, True, CPU) as log:
+        for s in range(1, 9):
+            step(log, float(s), s * BATCH)
+        assert not store.exists("demo/logs/metrics.jsonl") and store.refused
+        store.full = False
+    assert [r["images_seen"] for r in records(store)] == [8, 16, 24, 32]
+    assert scalars(tmp_path / "demo" / "tensorboard") == [(8, 1.5), (16, 3.5), (24, 5.5), (32, 7.5)]
+    assert "could not write demo/logs/metrics.jsonl" in caplog.text
+
+
 def test_train_step_returns_each_examples_logsnr_and_loss(tmp_path):
     data = tmp_path / "data"
     demo.write(str(data), num_images=8, samples_per_shard=8)

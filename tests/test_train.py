@@ -165,14 +165,15 @@ def test_nonfinite_steps_are_skipped_then_training_stops_with_a_clear_message(da
     assert [(r["loss"], r["skipped_steps"]) for r in logged] == [(None, 1), (None, 2)]
 
 
-class FullAt:
-    """A local store whose disk is full for the keys under one prefix (ENOSPC, as a full tmpfs raises it)."""
+class DiskFull:
+    """A local store whose disk is full for the keys under some prefixes (ENOSPC, as a full tmpfs raises it)."""
 
-    def __init__(self, store, prefix):
-        self.store, self.prefix = store, prefix
+    def __init__(self, store, *prefixes):
+        self.store, self.prefixes, self.refused = store, prefixes, 0
 
     def put(self, key, data):
-        if key.startswith(self.prefix):
+        if key.startswith(self.prefixes):
+            self.refused += 1
             raise OSError(28, "No space left on device", key)
         return self.store.put(key, data)
 
@@ -198,13 +199,28 @@ def test_a_run_whose_last_checkpoint_fails_exits_1_naming_the_newest_complete_on
             return step(p, batch, images_seen)
 
         monkeypatch.setattr(train, "train_step", signalled)
-    store = FullAt(open_store(str(tmp_path)), f"demo/checkpoints/{last:09d}/")
+    store = DiskFull(open_store(str(tmp_path)), f"demo/checkpoints/{last:09d}/")
     with caplog.at_level("ERROR"):
         code = train.train(cfg, store, Accelerator(cpu=True))
     assert code == train.EXIT_CHECKPOINT_FAILED == 1
     first = CHECKPOINT_EVERY // cfg.data.batch_size
     assert checkpoint.complete_steps(store, "demo") == [first]
     assert f"the newest complete checkpoint is {first:09d}" in caplog.text
+
+
+def test_store_errors_on_metrics_events_and_sample_grids_do_not_stop_the_run(data, tmp_path, caplog):
+    from accelerate import Accelerator
+
+    cfg = config.load(ExperimentConfig, DEMO, settings(data, tmp_path, total=2 * CHECKPOINT_EVERY,
+                                                       sample_every=CHECKPOINT_EVERY))
+    store = DiskFull(open_store(str(tmp_path)), "demo/logs/", "demo/tensorboard/", "demo/samples/")
+    with caplog.at_level("WARNING"):
+        assert train.train(cfg, store, Accelerator(cpu=True)) == 0
+    steps = [CHECKPOINT_EVERY // cfg.data.batch_size, 2 * CHECKPOINT_EVERY // cfg.data.batch_size]
+    assert checkpoint.complete_steps(store, "demo") == steps
+    assert store.list("demo/logs/") == store.list("demo/samples/") == [] and store.refused >= 3
+    assert "could not write demo/logs/metrics.jsonl: [Errno 28] No space left on device" in caplog.text
+    assert "could not write a sample grid: [Errno 28]" in caplog.text
 
 
 def test_uint8_batches_train_exactly_like_the_streams_float_batches(data, tmp_path):

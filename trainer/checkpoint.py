@@ -50,6 +50,7 @@ from trainer.store import STORE_ERRORS, Store
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+REJECTED = MANIFEST + ".rejected"  # a corrupted checkpoint's manifest, set aside at resume
 ATTEMPT = "attempt"
 
 
@@ -226,28 +227,62 @@ def read_manifest(store: Store, run: str, step: int) -> dict:
     return json.loads(store.get(checkpoint_prefix(run, step) + MANIFEST))
 
 
-def verify(store: Store, run: str, step: int) -> bool:
-    """True when the manifest exists and every file it lists has the listed size and sha256."""
+def _mismatch(store: Store, run: str, step: int) -> str | None:
+    """Why checkpoint `step` does not match its manifest (unreadable manifest, a listed file missing or changed),
+    None when it matches. Other store errors are raised: they say nothing about the checkpoint."""
     prefix = checkpoint_prefix(run, step)
     try:
         manifest = read_manifest(store, run, step)
         for name, want in manifest["files"].items():
             with store.open(prefix + name) as f:
                 if _digest(f) != want:
-                    log.warning("checkpoint %s: %s does not match its manifest", prefix, name)
-                    return False
-        return True
-    except (STORE_ERRORS + (ValueError, KeyError)) as e:  # no manifest, a listed file missing, unreadable JSON
-        log.warning("checkpoint %s is not complete: %s", prefix, e)
-        return False
+                    return f"{name} does not match its manifest"
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def verify(store: Store, run: str, step: int) -> bool:
+    """True when the manifest exists and every file it lists has the listed size and sha256."""
+    try:
+        reason = _mismatch(store, run, step)
+    except STORE_ERRORS as e:
+        reason = str(e)
+    if reason is not None:
+        log.warning("checkpoint %s is not complete: %s", checkpoint_prefix(run, step), reason)
+    return reason is None
 
 
 def latest_complete(store: Store, run: str) -> int | None:
-    """The newest step whose manifest verifies; half-written and corrupted checkpoints are skipped."""
+    """The newest step whose manifest verifies; half-written and corrupted checkpoints are skipped.
+
+    A corrupted one is set aside: its manifest moves to `manifest.json.rejected` (with the reason), so that it no
+    longer counts as complete, for retention, evaluation or the next attempt to write that step. A checkpoint the
+    store cannot read now (an error other than a missing file) is skipped and left as it is."""
     for step in reversed(complete_steps(store, run)):
-        if verify(store, run, step):
+        prefix = checkpoint_prefix(run, step)
+        try:
+            reason = _mismatch(store, run, step)
+        except STORE_ERRORS as e:
+            log.warning("checkpoint %s cannot be read now, skipped: %s", prefix, e)
+            continue
+        if reason is None:
             return step
+        log.error("checkpoint %s is corrupted (%s); setting it aside as %s", prefix, reason, REJECTED)
+        try:
+            store.put(prefix + REJECTED, json.dumps({"reason": reason, "manifest": _text(store, prefix + MANIFEST)},
+                                                    indent=1).encode())
+            store.delete(prefix + MANIFEST)
+        except STORE_ERRORS as e:
+            log.error("checkpoint %s could not be set aside: %s", prefix, e)
     return None
+
+
+def _text(store: Store, key: str) -> str | None:
+    try:
+        return store.get(key).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
 
 
 @dataclass

@@ -14,7 +14,8 @@ One record per log interval, means over that interval's finite (not skipped) ste
 
 Every rank keeps the window (the per-bin sums ride on the step's all-reduce, see `logsnr_totals`); rank 0
 writes. TensorBoard scalars (the same numbers, against images seen) are written when `torch.utils.tensorboard`
-imports, i.e. when the `tensorboard` package is installed.
+imports, i.e. when the `tensorboard` package is installed. A store error on any of these writes (a full disk, a
+lost endpoint) never stops training: see `BestEffort`.
 """
 from __future__ import annotations
 
@@ -32,13 +33,48 @@ from torch import Tensor
 from tqdm import tqdm
 
 from trainer.experiment import ExperimentConfig
-from trainer.store import LocalStore, Store
+from trainer.store import STORE_ERRORS, Store
 
 log = logging.getLogger(__name__)
 
 LOGSNR_BINS = 8
 SPIKE_FACTOR = 4.0
 SPIKE_HISTORY = 64  # steps; no step is called a spike before a quarter of this history exists
+MAX_BACKOFF_S = 300.0
+
+
+class BestEffort:
+    """A store write that must not stop training (metrics, TensorBoard events, sample grids), unlike a checkpoint.
+
+    A failed write is logged and the next ones are skipped for 1, 2, 4, ... (at most MAX_BACKOFF_S) seconds, so
+    that a lost endpoint does not cost its timeout at every interval. The objects are rewritten whole (metrics.jsonl,
+    event files), so the first write that succeeds carries everything the failed ones held; a sample grid skipped
+    meanwhile is lost, and the log says so."""
+
+    def __init__(self, what: str, clock=time.monotonic):
+        self.what, self.clock = what, clock
+        self.failures, self.retry_at = 0, 0.0
+
+    def __call__(self, write, *, force: bool = False) -> bool:
+        """Run `write()` unless backing off (`force`: try anyway, for the run's last write); True when written."""
+        now = self.clock()
+        if now < self.retry_at and not force:
+            log.warning("%s not written: the store failed %d time(s) in a row; next try in %.0f s", self.what,
+                        self.failures, self.retry_at - now)
+            return False
+        try:
+            write()
+        except STORE_ERRORS as e:
+            self.failures += 1
+            delay = min(2.0 ** (self.failures - 1), MAX_BACKOFF_S)
+            self.retry_at = now + delay
+            log.error("could not write %s: %s; training goes on, next try in %.0f s", self.what,
+                      " ".join(str(e).split()) or type(e).__name__, delay)
+            return False
+        if self.failures:
+            log.warning("%s written again after %d failed write(s)", self.what, self.failures)
+        self.failures, self.retry_at = 0, 0.0
+        return True
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -66,6 +102,7 @@ class MetricsLog:
         self._reset(time.perf_counter())
         self.bar = tqdm(total=cfg.total_images, initial=images_seen, unit="img", unit_scale=True, disable=not writer)
         self.tensorboard = TensorBoard(store, cfg.run, images_seen) if writer and TensorBoard.available() else None
+        self.upload = BestEffort(self.key)
 
     def _reset(self, now: float) -> None:
         self.window: list[tuple[float, float]] = []
@@ -77,8 +114,13 @@ class MetricsLog:
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
+        if self.writer and self.upload.failures:  # the last records, if the store is back
+            self.upload(self._write, force=True)
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+    def _write(self) -> None:
+        self.store.put(self.key, ("\n".join(self.lines) + "\n").encode())
 
     def logsnr_totals(self, logsnr: Tensor, losses: Tensor) -> Tensor:
         """This rank's per-bin loss sums, then counts (float64), to be summed over ranks with the step's loss."""
@@ -109,7 +151,7 @@ class MetricsLog:
         self._reset(now)
         if self.writer:
             self.lines.append(json.dumps(record))
-            self.store.put(self.key, ("\n".join(self.lines) + "\n").encode())
+            self.upload(self._write)
             log.info("%s", self.lines[-1])
             self.bar.set_postfix(loss=record["loss"], refresh=False)
             if self.tensorboard is not None:
@@ -127,9 +169,9 @@ class MetricsLog:
 
 
 class TensorBoard:
-    """Scalars under `<run>/tensorboard/`, stepped by images seen. With a local store the event files are written
-    there directly; with S3 they are written to a local temporary directory and uploaded, whole, after every log
-    interval (they are small; the store writes whole objects). A resumed run hides the events its predecessor wrote
+    """Scalars under `<run>/tensorboard/`, stepped by images seen. The event files are written to a local
+    temporary directory and uploaded through the store, whole, after every log interval (they are small; the store
+    writes whole objects, and a failed upload is retried with the next one, see `BestEffort`). A resumed run hides the events its predecessor wrote
     after the checkpoint (`purge_step`), as metrics.jsonl drops those records."""
 
     @staticmethod
@@ -144,9 +186,10 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         self.store, self.prefix = store, f"{run}/tensorboard/"
-        self.tmp = None if isinstance(store, LocalStore) else tempfile.TemporaryDirectory(prefix="elbodiff-tb-")
-        self.dir = store.root / self.prefix if self.tmp is None else Path(self.tmp.name)
+        self.tmp = tempfile.TemporaryDirectory(prefix="elbodiff-tb-")
+        self.dir = Path(self.tmp.name)
         self.writer = SummaryWriter(str(self.dir), purge_step=images_seen + 1 if images_seen else None)
+        self.upload = BestEffort(self.prefix)
 
     def write(self, record: dict) -> None:
         step = record["images_seen"]
@@ -159,13 +202,13 @@ class TensorBoard:
         self.writer.flush()
         self._upload()
 
-    def _upload(self) -> None:
-        if self.tmp is not None:
+    def _upload(self, force: bool = False) -> None:
+        def put_all():
             for path in self.dir.iterdir():
                 self.store.put(self.prefix + path.name, path)
+        self.upload(put_all, force=force)
 
     def close(self) -> None:
         self.writer.close()
-        self._upload()
-        if self.tmp is not None:
-            self.tmp.cleanup()
+        self._upload(force=True)  # the last events, even while backing off
+        self.tmp.cleanup()

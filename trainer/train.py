@@ -45,7 +45,7 @@ from trainer import checkpoint, config, parallel
 from trainer.config import ConfigError
 from trainer.ema import EMA
 from trainer.experiment import ExperimentConfig, OptimizerConfig
-from trainer.metrics import MetricsLog
+from trainer.metrics import BestEffort, MetricsLog
 from trainer.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -291,6 +291,7 @@ def train(cfg: ExperimentConfig, store: Store, accelerator: Accelerator) -> int:
     p = build_parts(cfg, rank, world_size, accelerator.device, accelerator)
     progress = resume(p, store, stream)
     batches, stop, saved = iter(stream), False, True
+    grids = BestEffort("a sample grid")
     with StopSignals() as signals, MetricsLog(store, cfg, progress.images_seen, rank == 0, p.device) as metrics:
         while progress.images_seen < cfg.total_images and not stop:
             loss, grad_norm, logsnr, losses = train_step(p, next(batches), progress.images_seen)
@@ -309,8 +310,8 @@ def train(cfg: ExperimentConfig, store: Store, accelerator: Accelerator) -> int:
             if cfg.sample_every_images and progress.images_seen % cfg.sample_every_images == 0:
                 weights = next(iter(consolidated_ema(p).values()))  # on every rank: gathering is a collective
                 if rank == 0:
-                    store.put(f"{cfg.run}/samples/{progress.images_seen // global_batch:09d}.png",
-                              sample_grid(p, weights))
+                    key = f"{cfg.run}/samples/{progress.images_seen // global_batch:09d}.png"
+                    grids(lambda: store.put(key, sample_grid(p, weights)))
             if (progress.images_seen % cfg.checkpoint.every_images == 0 or stop
                     or progress.images_seen >= cfg.total_images):
                 saved = save_checkpoint(p, store, stream, progress, accelerator.wait_for_everyone)
