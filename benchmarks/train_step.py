@@ -66,8 +66,8 @@ def loop_step(p: train.Parts, metrics: MetricsLog, progress: train.Progress, bat
     shared = p.all_reduce(torch.cat([torch.tensor([float(loss), 0.0], dtype=torch.float64, device=p.device),
                                      metrics.logsnr_totals(logsnr, losses)]))
     metrics.step(float(shared[0]) if finite else None, shared[2:], float(grad_norm),
-                 train.learning_rate(cfg.optimizer, progress.images_seen), progress.images_seen, global_batch,
-                 progress.skipped)
+                 train.learning_rate(cfg.optimizer, progress.images_seen, cfg.total_images),
+                 progress.images_seen, global_batch, progress.skipped)
 
 
 def bare_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: ExperimentConfig, sampler, weight,

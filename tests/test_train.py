@@ -1,4 +1,5 @@
 import io
+import math
 import os
 import platform
 import signal
@@ -221,6 +222,54 @@ def test_store_errors_on_metrics_events_and_sample_grids_do_not_stop_the_run(dat
     assert store.list("demo/logs/") == store.list("demo/samples/") == [] and store.refused >= 3
     assert "could not write demo/logs/metrics.jsonl: [Errno 28] No space left on device" in caplog.text
     assert "could not write a sample grid: [Errno 28]" in caplog.text
+
+
+def test_learning_rate_schedules_follow_their_closed_forms_after_the_warmup():
+    from trainer.experiment import OptimizerConfig
+
+    def lr(images, **kw):
+        return train.learning_rate(OptimizerConfig(lr=0.01, warmup_images=100, **kw), images, 1100)
+
+    assert [lr(i) for i in (50, 100, 1100)] == [0.005, 0.01, 0.01]
+    edm2 = dict(schedule="inverse_sqrt", ref_images=400)
+    assert [lr(i, **edm2) for i in (50, 400)] == [0.005, 0.01]
+    assert lr(1600, **edm2) == pytest.approx(0.01 / 2) and lr(900, **edm2) == pytest.approx(0.01 / 1.5)
+    cosine = dict(schedule="cosine", lr_min=0.001)
+    assert lr(50, **cosine) == pytest.approx(0.005) and lr(100, **cosine) == pytest.approx(0.01)
+    assert lr(600, **cosine) == pytest.approx(0.001 + 0.009 * 0.5) and lr(1100, **cosine) == pytest.approx(0.001)
+    assert lr(350, **cosine) == pytest.approx(0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi / 4)))
+    with pytest.raises(config.ConfigError, match="optimizer.ref_images must be positive for schedule inverse_sqrt"):
+        OptimizerConfig(schedule="inverse_sqrt")
+    with pytest.raises(config.ConfigError, match=r"optimizer.lr_min must be in \[0, optimizer.lr = 0.01\]"):
+        OptimizerConfig(lr=0.01, schedule="cosine", lr_min=0.1)
+
+
+def test_a_resumed_run_continues_the_cosine_schedule_and_the_weights_bitwise(data, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    def run(store, stop_at=None):
+        cfg = config.load(ExperimentConfig, DEMO, [*settings(data, store, total=2 * CHECKPOINT_EVERY, sample_every=0),
+                                                   "optimizer.schedule=cosine", "optimizer.lr_min=1e-5",
+                                                   "log_every_images=4"])
+        step = train.train_step
+
+        def signalled(p, batch, images_seen):
+            if images_seen == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(p, batch, images_seen)
+
+        monkeypatch.setattr(train, "train_step", signalled)
+        return train.train(cfg, open_store(str(store)), Accelerator(cpu=True))
+
+    assert run(tmp_path / "full") == 0
+    assert run(tmp_path / "split", stop_at=40) == train.EXIT_REQUEUE  # stopped between checkpoints
+    assert run(tmp_path / "split") == 0
+    full, split = metrics(tmp_path / "full"), metrics(tmp_path / "split")
+    assert [r["lr"] for r in split] == [r["lr"] for r in full] and full[-1]["lr"] == pytest.approx(1e-5)
+    assert len({r["lr"] for r in full}) == len(full)  # decaying at every record
+    a, b = (checkpoint.load_rank(open_store(str(tmp_path / n)), "demo", 2 * CHECKPOINT_EVERY // 4, 0, 1)
+            for n in ("full", "split"))
+    assert all(torch.equal(x, y) for x, y in zip(a.train_state["network"].values(), b.train_state["network"].values()))
 
 
 def test_uint8_batches_train_exactly_like_the_streams_float_batches(data, tmp_path):

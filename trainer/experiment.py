@@ -8,7 +8,7 @@ interval is a whole number of global batches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -38,8 +38,13 @@ class NetworkConfig:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with a linear warmup, then a constant learning rate."""
+    """AdamW; the learning rate ramps up linearly over warmup_images, times its schedule:
+    constant (VDM); inverse_sqrt, EDM2's lr / sqrt(max(images / ref_images, 1)); cosine from lr down to lr_min
+    between warmup_images and total_images."""
     lr: float = 1e-4
+    schedule: Literal["constant", "inverse_sqrt", "cosine"] = "constant"
+    ref_images: int = 0  # inverse_sqrt: images after which the decay starts (EDM2: 70k batches of 2048)
+    lr_min: float = 0.0  # cosine: the rate at total_images
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.01  # applied to matrices and kernels only, never to biases and norm gains
     warmup_images: int = 0
@@ -52,6 +57,11 @@ class OptimizerConfig:
                               f"{self.grad_clip}")
         if self.warmup_images < 0 or self.max_nonfinite_steps < 1:
             raise ConfigError("optimizer.warmup_images must be >= 0 and optimizer.max_nonfinite_steps >= 1")
+        if self.schedule == "inverse_sqrt" and self.ref_images <= 0:
+            raise ConfigError(f"optimizer.ref_images must be positive for schedule inverse_sqrt (EDM2 uses "
+                              f"70000 x 2048 = 143360000), found {self.ref_images}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ConfigError(f"optimizer.lr_min must be in [0, optimizer.lr = {self.lr}], found {self.lr_min}")
 
 
 @dataclass

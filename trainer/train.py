@@ -11,9 +11,9 @@ process group (gloo on CPU, NCCL on GPUs) and the step itself is plain PyTorch. 
 Stopping. SIGTERM (scancel, Kubernetes eviction, torchrun forwarding its own SIGTERM) and SIGUSR1
 (`sbatch --signal=USR1@120`) let the current step finish; the ranks agree on it in the per-step all-reduce,
 write a checkpoint and exit with EXIT_REQUEUE = 75 (EX_TEMPFAIL of sysexits.h: "try again later"). A launcher
-that sees 75 requeues the job (`scontrol requeue $SLURM_JOB_ID`), and the next start resumes from that checkpoint. When the
-run's last checkpoint (at the end, or for a stop signal) cannot be written, every rank exits with 1 and rank 0 logs
-the newest complete checkpoint: a launcher must not take the run for finished.
+that sees 75 requeues the job (`scontrol requeue $SLURM_JOB_ID`), and the next start resumes from that checkpoint.
+When the run's last checkpoint (at the end, or for a stop signal) cannot be written, every rank exits with 1 and
+rank 0 logs the newest complete checkpoint: a launcher must not take the run for finished.
 
 Written to the store, under `<run>/`: `config.yaml` (the resolved config, at every start), `logs/metrics.jsonl`
 and `tensorboard/` (one record per log interval, from rank 0: trainer/metrics.py),
@@ -82,9 +82,17 @@ def draw_noise(cfg: ExperimentConfig, images_seen: int, rank: int, world_size: i
     return t, torch.randn(tuple(shape), generator=own)
 
 
-def learning_rate(cfg: OptimizerConfig, images_seen: int) -> float:
-    """Linear warmup to cfg.lr over warmup_images, then constant; `images_seen` includes the current batch."""
-    return cfg.lr * min(1.0, images_seen / cfg.warmup_images) if cfg.warmup_images else cfg.lr
+def learning_rate(cfg: OptimizerConfig, images_seen: int, total_images: int) -> float:
+    """The linear warmup over warmup_images times cfg.schedule (see OptimizerConfig); `images_seen` includes the
+    current batch. A function of images seen alone, so a resumed run continues the schedule where it stopped."""
+    warmup = min(1.0, images_seen / cfg.warmup_images) if cfg.warmup_images else 1.0
+    if cfg.schedule == "inverse_sqrt":
+        return warmup * cfg.lr / math.sqrt(max(images_seen / cfg.ref_images, 1.0))
+    if cfg.schedule == "cosine":
+        span = max(total_images - cfg.warmup_images, 1)
+        done = min(max(images_seen - cfg.warmup_images, 0) / span, 1.0)
+        return warmup * (cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * done)))
+    return warmup * cfg.lr
 
 
 @dataclass
@@ -142,8 +150,8 @@ def train_step(p: Parts, batch: dict, images_seen: int) -> tuple[Tensor, Tensor,
         loss = outputs[-1].sum() * math.nan
         losses = torch.full_like(logsnr, math.nan)
     p.backend.backward(loss)
-    grad_norm = p.backend.step(learning_rate(cfg.optimizer, images_seen + x.shape[0] * p.world_size),
-                               cfg.optimizer.grad_clip)  # clipped to the global norm; skipped when not finite
+    lr = learning_rate(cfg.optimizer, images_seen + x.shape[0] * p.world_size, cfg.total_images)
+    grad_norm = p.backend.step(lr, cfg.optimizer.grad_clip)  # clipped to the global norm; skipped when not finite
     if not torch.isfinite(grad_norm):
         return loss.detach(), grad_norm, logsnr, losses.detach()
     p.ema.update(p.backend.local_params())
@@ -305,8 +313,8 @@ def train(cfg: ExperimentConfig, store: Store, accelerator: Accelerator) -> int:
                 metrics.logsnr_totals(logsnr, losses)]))
             stop = bool(shared[1] > 0)
             metrics.step(float(shared[0]) / world_size if finite else None, shared[2:], float(grad_norm),
-                         learning_rate(cfg.optimizer, progress.images_seen), progress.images_seen, global_batch,
-                         progress.skipped)
+                         learning_rate(cfg.optimizer, progress.images_seen, cfg.total_images),
+                         progress.images_seen, global_batch, progress.skipped)
             if cfg.sample_every_images and progress.images_seen % cfg.sample_every_images == 0:
                 weights = next(iter(consolidated_ema(p).values()))  # on every rank: gathering is a collective
                 if rank == 0:
