@@ -272,6 +272,42 @@ def test_a_resumed_run_continues_the_cosine_schedule_and_the_weights_bitwise(dat
     assert all(torch.equal(x, y) for x, y in zip(a.train_state["network"].values(), b.train_state["network"].values()))
 
 
+def test_bf16_step_runs_the_networks_matmuls_in_bf16_and_keeps_its_state_and_loss_in_fp32(data, tmp_path):
+    steps = {}
+    for precision in ("fp32", "bf16"):
+        cfg = config.load(ExperimentConfig, DEMO, [*settings(data, tmp_path), f"precision={precision}"])
+        p = train.build_parts(cfg, 0, 1, torch.device("cpu"))
+        computed = set()
+        for m in p.module.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.register_forward_hook(lambda m, inputs, out: computed.add(out.dtype))
+        batch = next(iter(Stream(cfg.data, 0, 2)))
+        loss, grad_norm, _, losses = train.train_step(p, batch, 0)
+        assert computed == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        assert loss.dtype == losses.dtype == grad_norm.dtype == torch.float32
+        assert all(q.dtype == torch.float32 for q in p.module.parameters())
+        assert all(a.dtype == torch.float32 for avg in p.ema.averages.values() for a in avg)
+        assert all(v.dtype == torch.float32 for state in p.backend.optimizer.state.values() for v in state.values()
+                   if v.ndim)
+        steps[precision] = float(grad_norm), [q.detach().clone() for q in p.module.parameters()]
+    (norm32, weights32), (norm16, weights16) = steps["fp32"], steps["bf16"]
+    assert norm16 != norm32 and norm16 == pytest.approx(norm32, rel=1e-2)  # rounded, not another computation
+    assert any(not torch.equal(a, b) for a, b in zip(weights32, weights16))
+
+
+@pytest.mark.parametrize("env, precision", [("bf16", "fp32"), ("fp16", "bf16"), ("no", "bf16")])
+def test_an_accelerate_precision_variable_that_disagrees_with_the_config_is_one_line(data, tmp_path, capsys,
+                                                                                      monkeypatch, env, precision):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+    assert cli(["train", str(DEMO), f"data.index={data}", f"store={tmp_path}", f"precision={precision}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"elbodiff train: environment variable ACCELERATE_MIXED_PRECISION={env} conflicts with "
+                          f"precision={precision} in the config") and err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no" if precision == "fp32" else precision)
+    train.check_precision_environment(precision)  # agreeing: accepted
+
+
 def test_uint8_batches_train_exactly_like_the_streams_float_batches(data, tmp_path):
     """The trainer turns uint8 images into floats on its device by the stream's own rule, so that workers send
     (and a GPU receives) a quarter of the bytes without changing a step."""

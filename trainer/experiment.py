@@ -77,6 +77,9 @@ class ExperimentConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # ddp, fsdp or deepspeed, and their settings
+    # bf16: the network's matmuls and convolutions in bf16 (autocast; FSDP2 also gathers bf16 parameters), while
+    # master weights, optimizer state, EMAs, gradient reductions and the loss's terms stay fp32
+    precision: Literal["fp32", "bf16"] = "fp32"
     log_every_images: int = 2**14
     sample_every_images: int = 2**18  # a grid from the EMA weights, rank 0; 0: none (latent runs)
     sample_steps: int = 32  # DDIM steps of that grid: a progress picture, not an evaluation

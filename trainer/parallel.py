@@ -126,11 +126,19 @@ class FSDP(Backend):
     they load with weights_only), turned back into DTensors on load by the state-dict APIs of
     torch.distributed.checkpoint."""
 
-    def __init__(self, module: nn.Module, cfg: OptimizerConfig, mesh):
-        from torch.distributed.fsdp import fully_shard
+    def __init__(self, module: nn.Module, cfg: OptimizerConfig, mesh, precision: str = "fp32"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        if precision == "bf16":  # bf16 all-gathers and compute, fp32 gradient reduction and sharded parameters
+            inner = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # the network's own input stays fp32 (models/unet_vdm.py: Fourier features of z need it); autocast,
+            # around the forward, casts it where a matmul meets the bf16 weights
+            root = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)
+        else:
+            inner = root = MixedPrecisionPolicy()
         for block in blocks(module):
-            fully_shard(block, mesh=mesh)
-        fully_shard(module, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=inner)
+        fully_shard(module, mesh=mesh, mp_policy=root)
         super().__init__(module, module, build_optimizer(module, cfg))  # on the sharded parameters
 
     def step(self, lr: float, grad_clip: float) -> Tensor:
@@ -233,7 +241,7 @@ class DeepSpeed(Backend):
 
 
 def wrap(module: nn.Module, cfg: ParallelConfig, optimizer: OptimizerConfig, micro_batch: int,
-         accelerator: Accelerator | None) -> Backend:
+         accelerator: Accelerator | None, precision: str = "fp32") -> Backend:
     """`module` wrapped for `cfg.backend` on accelerate's process group; with one process there is nothing to share
     and every backend is the plain module (`accelerator` None: no process group at all)."""
     if accelerator is None or accelerator.num_processes == 1:
@@ -245,10 +253,10 @@ def wrap(module: nn.Module, cfg: ParallelConfig, optimizer: OptimizerConfig, mic
     from torch.distributed.device_mesh import init_device_mesh
     world, device = accelerator.num_processes, accelerator.device.type
     if cfg.fsdp_shard == "full":
-        return FSDP(module, optimizer, init_device_mesh(device, (world,)))
+        return FSDP(module, optimizer, init_device_mesh(device, (world,)), precision)
     group = cfg.shard_group_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if world % group:
         raise ConfigError(f"parallel.shard_group_size: {group} ranks per shard group do not divide the world "
                           f"size {world}")
     return FSDP(module, optimizer, init_device_mesh(device, (world // group, group),
-                                                    mesh_dim_names=("replicate", "shard")))
+                                                    mesh_dim_names=("replicate", "shard")), precision)

@@ -133,7 +133,10 @@ def train_step(p: Parts, batch: dict, images_seen: int) -> tuple[Tensor, Tensor,
     outputs = []  # what the network returned: a rank whose loss fails still backpropagates through it (below)
 
     def net(z: Tensor, logsnr: Tensor, c: Tensor) -> Tensor:
-        outputs.append(p.backend.net(z, logsnr, c))
+        # bf16: autocast casts where a matmul or convolution meets the weights, so z itself stays fp32
+        with torch.autocast(p.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = p.backend.net(z, logsnr, c)
+        outputs.append(out.float())  # the loss and its weighting in fp32
         return outputs[-1]
 
     net.prediction = p.module.prediction  # the objective reads it from what it calls; wrappers do not forward it
@@ -276,7 +279,7 @@ def build_parts(cfg: ExperimentConfig, rank: int, world_size: int, device: torch
     """The network wrapped for cfg.parallel on accelerator's process group; None: one plain process."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     backend = parallel.wrap(cfg.network.build().to(device), cfg.parallel, cfg.optimizer, cfg.data.batch_size,
-                            accelerator)
+                            accelerator, cfg.precision)
     sampler = objective.build_sampler(cfg.objective).to(device)
     return Parts(cfg, backend, EMA(cfg.ema, backend.local_params()), sampler, weighting.build(cfg.objective.weighting),
                  rank, world_size, device)
@@ -352,8 +355,20 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+def check_precision_environment(precision: str) -> None:
+    """accelerate reads ACCELERATE_MIXED_PRECISION (set by `accelerate launch` or by hand) and would autocast DDP
+    alone; the config decides, so a variable that says otherwise is an error rather than a silent switch."""
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    expected = "no" if precision == "fp32" else precision
+    if env is not None and env != expected:
+        raise ConfigError(f"environment variable ACCELERATE_MIXED_PRECISION={env} conflicts with precision="
+                          f"{precision} in the config, which decides: unset it, or set precision=bf16 / fp32 "
+                          f"(ACCELERATE_MIXED_PRECISION={expected} agrees with this config)")
+
+
 def main(config_path: str, overrides: Sequence[str] = ()) -> int:
     cfg = config.load(ExperimentConfig, config_path, overrides)
+    check_precision_environment(cfg.precision)
     try:
         store = open_store(cfg.store)
     except ValueError as e:
@@ -361,9 +376,12 @@ def main(config_path: str, overrides: Sequence[str] = ()) -> int:
     store.check_reachable()  # before any process group or network exists: fail in seconds, not at a checkpoint
     # On CPU, cpu=True is what makes accelerate read torchrun's environment; without it every rank believes it
     # is alone and trains its own model. The world size is checked against the launcher's for that reason.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # mixed_precision="no": the step applies cfg.precision itself, the same way for every backend
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
     if accelerator.device.type == "cpu":  # GPU memory has its own caching allocator
         keep_freed_memory()
+    elif cfg.precision == "fp32":  # TF32 matmuls and convolutions: fp32 storage, 10-bit mantissa products
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(f"the launcher started {launched} ranks but the process group has "
