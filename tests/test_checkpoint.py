@@ -179,16 +179,18 @@ def test_a_corrupted_checkpoint_is_set_aside_so_that_its_step_is_written_again_a
 
 
 class FailingStore:
-    """A store whose puts of matching keys fail like a full disk."""
+    """A store whose puts of matching keys fail like a full disk (ENOSPC, as a full tmpfs raises it); `refused`
+    counts them."""
 
     def __init__(self, inner, fails):
-        self.inner, self.fails = inner, fails
+        self.inner, self.fails, self.refused = inner, fails, 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def put(self, key, data):
         if self.fails(key):
+            self.refused += 1
             raise OSError(errno.ENOSPC, "No space left on device", key)
         self.inner.put(key, data)
 

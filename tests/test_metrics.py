@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from data import demo
 from data.stream import Stream
 from s3server import BUCKET, s3_endpoint  # noqa: F401  (pytest fixture)
+from test_checkpoint import FailingStore
 from launching import DEMO, TINY
 from trainer import config, metrics, train
 from trainer.experiment import ExperimentConfig
@@ -130,22 +131,6 @@ def test_tensorboard_events_are_uploaded_to_s3_at_every_interval(tmp_path, s3_en
     assert records(store)[0]["loss"] == 1.5
 
 
-class Failing:
-    """A local store whose puts under `prefixes` raise ENOSPC while `full` is set (a full disk)."""
-
-    def __init__(self, store, *prefixes):
-        self.store, self.prefixes, self.full, self.refused = store, prefixes, True, 0
-
-    def put(self, key, data):
-        if self.full and key.startswith(self.prefixes):
-            self.refused += 1
-            raise OSError(28, "No space left on device", key)
-        return self.store.put(key, data)
-
-    def __getattr__(self, name):
-        return getattr(self.store, name)
-
-
 def test_best_effort_backs_off_1_2_4_seconds_and_resets_after_a_success(caplog):
     now, calls = [0.0], []
 
@@ -169,12 +154,14 @@ def test_best_effort_backs_off_1_2_4_seconds_and_resets_after_a_success(caplog):
 
 def test_metrics_and_tensorboard_writes_that_fail_are_logged_and_the_last_write_carries_every_record(tmp_path,
                                                                                                    caplog):
-    store = Failing(open_store(str(tmp_path)), "demo/logs/", "demo/tensorboard/")
+    full = [True]  # the disk, until it is cleared below
+    store = FailingStore(open_store(str(tmp_path)),
+                         lambda key: full[0] and key.startswith(("demo/logs/", "demo/tensorboard/")))
     with caplog.at_level(logging.WARNING), MetricsLog(store, experiment(), 0, True, CPU) as log:
         for s in range(1, 9):
             step(log, float(s), s * BATCH)
         assert not store.exists("demo/logs/metrics.jsonl") and store.refused
-        store.full = False
+        full[0] = False
     assert [r["images_seen"] for r in records(store)] == [8, 16, 24, 32]
     assert scalars(tmp_path / "demo" / "tensorboard") == [(8, 1.5), (16, 3.5), (24, 5.5), (32, 7.5)]
     assert "could not write demo/logs/metrics.jsonl" in caplog.text

@@ -14,6 +14,7 @@ from data import demo
 from data.stream import Stream
 from launch.cli import main as cli
 from launching import DEMO, GLOBAL_BATCH, TINY, metrics, stop_after_first_record, torchrun, train_argv
+from test_checkpoint import FailingStore
 from trainer import checkpoint, config, train
 from trainer.experiment import ExperimentConfig
 from trainer.store import open_store
@@ -166,20 +167,16 @@ def test_nonfinite_steps_are_skipped_then_training_stops_with_a_clear_message(da
     assert [(r["loss"], r["skipped_steps"]) for r in logged] == [(None, 1), (None, 2)]
 
 
-class DiskFull:
-    """A local store whose disk is full for the keys under some prefixes (ENOSPC, as a full tmpfs raises it)."""
+def sigterm_at(monkeypatch, images_seen):
+    """SIGTERM to this process during the step that starts at `images_seen` (as scancel would send it)."""
+    step = train.train_step
 
-    def __init__(self, store, *prefixes):
-        self.store, self.prefixes, self.refused = store, prefixes, 0
+    def signalled(p, batch, at):
+        if at == images_seen:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(p, batch, at)
 
-    def put(self, key, data):
-        if key.startswith(self.prefixes):
-            self.refused += 1
-            raise OSError(28, "No space left on device", key)
-        return self.store.put(key, data)
-
-    def __getattr__(self, name):
-        return getattr(self.store, name)
+    monkeypatch.setattr(train, "train_step", signalled)
 
 
 @pytest.mark.parametrize("stop", [False, True])
@@ -192,15 +189,9 @@ def test_a_run_whose_last_checkpoint_fails_exits_1_naming_the_newest_complete_on
     if stop:  # a stop signal after the first checkpoint: the checkpoint written for it fails
         last = CHECKPOINT_EVERY // cfg.data.batch_size + 1
         cfg.total_images = 10 * CHECKPOINT_EVERY
-        step = train.train_step
-
-        def signalled(p, batch, images_seen):
-            if images_seen == CHECKPOINT_EVERY:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return step(p, batch, images_seen)
-
-        monkeypatch.setattr(train, "train_step", signalled)
-    store = DiskFull(open_store(str(tmp_path)), f"demo/checkpoints/{last:09d}/")
+        sigterm_at(monkeypatch, CHECKPOINT_EVERY)
+    prefix = f"demo/checkpoints/{last:09d}/"
+    store = FailingStore(open_store(str(tmp_path)), lambda key: key.startswith(prefix))
     with caplog.at_level("ERROR"):
         code = train.train(cfg, store, Accelerator(cpu=True))
     assert code == train.EXIT_CHECKPOINT_FAILED == 1
@@ -214,7 +205,8 @@ def test_store_errors_on_metrics_events_and_sample_grids_do_not_stop_the_run(dat
 
     cfg = config.load(ExperimentConfig, DEMO, settings(data, tmp_path, total=2 * CHECKPOINT_EVERY,
                                                        sample_every=CHECKPOINT_EVERY))
-    store = DiskFull(open_store(str(tmp_path)), "demo/logs/", "demo/tensorboard/", "demo/samples/")
+    store = FailingStore(open_store(str(tmp_path)),
+                         lambda key: key.startswith(("demo/logs/", "demo/tensorboard/", "demo/samples/")))
     with caplog.at_level("WARNING"):
         assert train.train(cfg, store, Accelerator(cpu=True)) == 0
     steps = [CHECKPOINT_EVERY // cfg.data.batch_size, 2 * CHECKPOINT_EVERY // cfg.data.batch_size]
@@ -251,14 +243,7 @@ def test_a_resumed_run_continues_the_cosine_schedule_and_the_weights_bitwise(dat
         cfg = config.load(ExperimentConfig, DEMO, [*settings(data, store, total=2 * CHECKPOINT_EVERY, sample_every=0),
                                                    "optimizer.schedule=cosine", "optimizer.lr_min=1e-5",
                                                    "log_every_images=4"])
-        step = train.train_step
-
-        def signalled(p, batch, images_seen):
-            if images_seen == stop_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return step(p, batch, images_seen)
-
-        monkeypatch.setattr(train, "train_step", signalled)
+        sigterm_at(monkeypatch, stop_at)
         return train.train(cfg, open_store(str(store)), Accelerator(cpu=True))
 
     assert run(tmp_path / "full") == 0
