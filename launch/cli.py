@@ -123,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, StoreUnreachable) as e:  # nothing has started yet: say what to fix
             print(f"elbodiff train: {e}", file=sys.stderr)
             return 2
+        finally:
+            # A process group left to the interpreter's exit can abort there ("terminate called without an active
+            # exception": gloo's threads outlive the Python objects), turning a requeue exit into SIGABRT. No
+            # barrier: a rank that raised would wait for the others forever.
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
     if args.command == "shards":
         from data import shards as shards_mod
         print(shards_mod.report(shards_mod.write(
