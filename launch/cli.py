@@ -107,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
                          help="store failures in a row (1, 2, 4, ... s apart) before the service gives up")
 
     args = parser.parse_args(argv)
+    if args.command in ("train", "ref-stats", "sample", "eval-service"):  # the commands that run as ranks
+        from launch.ranks import LaunchError, export_ranks
+        try:
+            export_ranks()
+        except LaunchError as e:
+            print(f"elbodiff {args.command}: {e}", file=sys.stderr)
+            return 2
     if args.command in ("ref-stats", "sample", "eval-service"):
         from importlib import import_module
         module = {"ref-stats": "eval.fid", "sample": "eval.sample", "eval-service": "eval.service"}[args.command]

@@ -43,12 +43,13 @@ def torchrun(argv, log, timeout=400) -> int:
 
 
 def stop_after_first_record(overrides, store: Path, log_prefix: Path, timeout=200) -> list[int]:
-    """Two ranks started the way srun starts them, SIGTERM to rank 1 once the run has logged its first record;
-    returns both exit codes."""
+    """Two ranks started the way a bare `srun` starts them (SLURM's variables alone: launch/ranks.py derives the
+    rest), SIGTERM to rank 1 once the run has logged its first record; returns both exit codes."""
     port, procs, logs = free_port(), [], []
     for rank in range(2):
-        env = environment(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = environment(SLURM_JOB_ID="7", SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                          SLURM_NTASKS="2", SLURM_NODEID="0", SLURM_TASKS_PER_NODE="2",
+                          SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(port))
         logs.append(open(f"{log_prefix}-{rank}.log", "w"))
         procs.append(subprocess.Popen([sys.executable, *train_argv(*overrides)], cwd=ROOT, env=env, stdout=logs[-1],
                                       stderr=subprocess.STDOUT))
