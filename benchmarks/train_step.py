@@ -59,7 +59,7 @@ def demo_config(data: str, store: str) -> ExperimentConfig:
 def loop_step(p: train.Parts, metrics: MetricsLog, progress: train.Progress, batch: dict) -> None:
     """`trainer.train.train`'s loop body on one process, minus the sample grid and checkpoint intervals."""
     cfg, global_batch = p.cfg, len(batch["x"])
-    loss, grad_norm, logsnr, losses = train.train_step(p, batch, progress.images_seen)
+    loss, grad_norm, logsnr, losses = train.train_step(p, [batch], progress.images_seen)
     progress.images_seen += global_batch
     finite = bool(torch.isfinite(grad_norm))
     progress.count(finite, cfg.optimizer.max_nonfinite_steps)
@@ -113,7 +113,7 @@ def step_overhead(p: train.Parts, store, steps: int) -> dict:
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}  # (wall, cpu) seconds per step
     with MetricsLog(store, cfg, 0, True, p.device) as metrics:
         sides = {"loop": lambda: loop_step(p, metrics, progress, batch),
-                 "train_step": lambda: train.train_step(p, batch, progress.images_seen),
+                 "train_step": lambda: train.train_step(p, [batch], progress.images_seen),
                  "bare": lambda: bare_step(p.module, p.backend.optimizer, cfg, p.sampler, p.weight, batch)}
         for _ in range(3):  # warm-up: allocator, first AdamW state
             for side in sides.values():

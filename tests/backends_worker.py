@@ -2,8 +2,8 @@
 
 argv: the config, then a JSON list of runs {"overrides": [...], "nan_at": images seen or null}; each is trained to
 the end with `trainer.train.main`, the path of `elbodiff train`, one after the other: one launch instead of one
-per backend setting. `nan_at` makes rank 1 alone draw NaN noise for the batch starting there, so its network output
-is not finite while rank 0's is."""
+per backend setting. `nan_at` makes rank 1 alone (the second half of the global batch) draw NaN noise for the batch
+starting there, so its network output is not finite while rank 0's is."""
 import json
 import math
 import sys
@@ -14,9 +14,9 @@ DRAW_NOISE = train.draw_noise
 
 
 def noise_with_nan_on_rank_1(nan_at):
-    def draw_noise(cfg, images_seen, rank, world_size, shape):
-        t, eps = DRAW_NOISE(cfg, images_seen, rank, world_size, shape)
-        return t, eps * math.nan if rank == 1 and images_seen == nan_at else eps
+    def draw_noise(cfg, images_seen, start, global_batch, shape, device):
+        t, eps = DRAW_NOISE(cfg, images_seen, start, global_batch, shape, device)
+        return t, eps * math.nan if start >= global_batch // 2 and images_seen == nan_at else eps
     return draw_noise
 
 

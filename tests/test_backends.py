@@ -1,9 +1,10 @@
 """The FSDP2 and DeepSpeed ZeRO backends, with 2-rank launches on CPU (gloo): parameters against one process on the
 global batch, the consolidated EMA files, and resume after a stop.
 
-Five launches in all: one trains every backend setting to the end, one after the other, and then three short runs
-with a non-finite network output on one rank (tests/backends_worker.py); then, for FSDP2 and for ZeRO-3, a run
-stopped by SIGTERM and its resumption.
+Five launches in all: one trains every backend setting to the end, one after the other (fp32; accumulating two
+micro-batches under DDP, FSDP2 and ZeRO-2; a few bf16 steps under each), and then three short runs with a
+non-finite network output on one rank (tests/backends_worker.py); then, for FSDP2 and for ZeRO-3, a run stopped by
+SIGTERM and its resumption.
 """
 import io
 import json
@@ -13,9 +14,8 @@ import os
 import pytest
 import torch
 
-from data.stream import Stream
 from launching import DEMO, EXTENSIONS, GLOBAL_BATCH, ROOT, TINY, metrics, stop_after_first_record, torchrun, train_argv
-from test_train import both_ranks_noise
+from test_train import assert_same_training, one_process_on_the_global_batch
 from trainer import checkpoint, config, train
 from trainer.config import ConfigError
 from trainer.experiment import ExperimentConfig
@@ -28,11 +28,18 @@ BACKENDS = {"fsdp": ["parallel.backend=fsdp"],
             **{f"zero{s}": ["parallel.backend=deepspeed", f"parallel.zero_stage={s}"] for s in (1, 2, 3)},
             "zero2-offload": ["parallel.backend=deepspeed", "parallel.zero_stage=2", "parallel.offload_optimizer=true"]}
 NAN_AT, NAN_STEPS = 8, 3  # the second of three steps has a non-finite network output on rank 1 only
+# the same global batch of 8 as two micro-batches of 2 per rank, each backend skipping its gradient sync its own way
+ACCUMULATION = ["data.batch_size=2", "optimizer.accumulation=2"]
+ACCUMULATED = {"ddp-accumulated": ACCUMULATION, "fsdp-accumulated": ["parallel.backend=fsdp", *ACCUMULATION],
+               "zero2-accumulated": ["parallel.backend=deepspeed", "parallel.zero_stage=2", *ACCUMULATION]}
+BF16 = {"ddp-bf16": ["precision=bf16"], "fsdp-bf16": ["parallel.backend=fsdp", "precision=bf16"],
+        "zero2-bf16": ["parallel.backend=deepspeed", "parallel.zero_stage=2", "precision=bf16"]}
+BF16_STEPS = 3  # CPU bf16 is slow
 
 
 def settings(data, store, backend, total=STEPS * GLOBAL_BATCH, sample_every=STEPS * GLOBAL_BATCH):
-    return [*TINY, "checkpoint.every_images=32", *{"ddp": [], **BACKENDS}[backend], f"data.index={data}",
-            f"store={store}", f"total_images={total}", f"sample_every_images={sample_every}"]
+    return [*TINY, "checkpoint.every_images=32", *{"ddp": [], **BACKENDS, **ACCUMULATED, **BF16}[backend],
+            f"data.index={data}", f"store={store}", f"total_images={total}", f"sample_every_images={sample_every}"]
 
 
 @pytest.fixture(scope="session")
@@ -64,11 +71,13 @@ def stop_and_resume(data, tmp, backend):
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory, deepspeed_ops):
     tmp = tmp_path_factory.mktemp("backends")
-    stores = {backend: tmp / backend for backend in BACKENDS}
+    stores = {backend: tmp / backend for backend in [*BACKENDS, *ACCUMULATED, *BF16]}
     nonfinite = {b: tmp / f"{b}-nan" for b in ("ddp", "fsdp", "zero3")}
-    worker = json.dumps([{"overrides": settings(data, stores[b], b), "nan_at": None} for b in BACKENDS] +
-                        [{"overrides": settings(data, nonfinite[b], b, total=NAN_STEPS * GLOBAL_BATCH, sample_every=0),
-                          "nan_at": NAN_AT} for b in nonfinite])
+    worker = json.dumps([{"overrides": settings(data, stores[b], b), "nan_at": None} for b in [*BACKENDS, *ACCUMULATED]]
+                        + [{"overrides": settings(data, stores[b], b, total=BF16_STEPS * GLOBAL_BATCH, sample_every=0),
+                            "nan_at": None} for b in BF16]
+                        + [{"overrides": settings(data, nonfinite[b], b, total=NAN_STEPS * GLOBAL_BATCH,
+                                                  sample_every=0), "nan_at": NAN_AT} for b in nonfinite])
     log = tmp / "worker.log"
     assert torchrun([str(ROOT / "tests" / "backends_worker.py"), str(DEMO), worker], log) == 0, \
         log.read_text()[-3000:]
@@ -79,15 +88,15 @@ def runs(data, tmp_path_factory, deepspeed_ops):
 @pytest.fixture(scope="module")
 def reference(runs, data):
     """The same training in one process on the global batch: both ranks' batches and noise concatenated."""
-    cfg = config.load(ExperimentConfig, DEMO, settings(data, runs["tmp"] / "unused", "fsdp"))
-    streams = [iter(Stream(cfg.data, rank, 2)) for rank in range(2)]
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(train, "draw_noise", both_ranks_noise(train.draw_noise))
-        p = train.build_parts(cfg, 0, 1, torch.device("cpu"))
-        for step in range(STEPS):
-            batches = [next(s) for s in streams]
-            train.train_step(p, {k: torch.cat([b[k] for b in batches]) for k in ("x", "label")}, step * GLOBAL_BATCH)
-    return p
+    return one_process_on_the_global_batch(
+        config.load(ExperimentConfig, DEMO, settings(data, runs["tmp"] / "unused", "fsdp")), STEPS)
+
+
+@pytest.fixture(scope="module")
+def accumulated_reference(runs, data):
+    """The accumulated runs in one process: each rank's two micro-batches in order, rank 0's first, as one batch."""
+    return one_process_on_the_global_batch(
+        config.load(ExperimentConfig, DEMO, settings(data, runs["tmp"] / "unused", "ddp-accumulated")), STEPS)
 
 
 def engine_files(states, folder):
@@ -100,17 +109,14 @@ def engine_files(states, folder):
 
 
 def full_parameters(backend, states, tmp):
-    if backend in ("fsdp", "hybrid"):
+    if backend.startswith("ddp"):
+        return states[0].train_state["network"]
+    if backend.startswith("fsdp") or backend == "hybrid":
         # FSDP2 shards dim 0 in torch.chunk's layout: rank 0's rows, then rank 1's
         a, b = (s.train_state["network"] for s in states)
-        return {k: torch.cat([a[k], b[k]]) if backend == "fsdp" else a[k] for k in a}
+        return {k: a[k] if backend == "hybrid" else torch.cat([a[k], b[k]]) for k in a}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return get_fp32_state_dict_from_zero_checkpoint(str(engine_files(states, tmp / f"{backend}-engine")), tag="engine")
-
-
-# float32 sums in a different order (per-rank means, then the all-reduce or reduce-scatter; DeepSpeed's flat
-# buffers), amplified a little by Adam over the steps: the same tolerance as DDP against one process.
-TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
 @pytest.mark.slow  # five 2-rank launches shared by the tests below, about two minutes on two cores
@@ -119,16 +125,40 @@ def test_two_ranks_equal_one_process_on_the_global_batch(runs, reference, backen
     states = rank_states(runs["full"][backend])
     assert states[0].images_seen == STEPS * GLOBAL_BATCH
     full = full_parameters(backend, states, runs["tmp"])
-    plain = dict(reference.module.named_parameters())
-    assert sorted(full) == sorted(plain)
-    for name, value in plain.items():
-        torch.testing.assert_close(full[name], value.detach(), **TOLERANCE, msg=f"{backend} {name}")
+    p, replayed = reference
+    assert sorted(full) == sorted(dict(p.module.named_parameters()))
+    assert_same_training(replayed, runs["full"][backend], full, p, backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", list(ACCUMULATED))
+def test_two_ranks_accumulating_two_micro_batches_equal_one_process_on_the_global_batch(runs, accumulated_reference,
+                                                                                       backend):
+    states = rank_states(runs["full"][backend])
+    assert states[0].images_seen == STEPS * GLOBAL_BATCH
+    p, replayed = accumulated_reference
+    assert_same_training(replayed, runs["full"][backend], full_parameters(backend, states, runs["tmp"]), p, backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", list(BF16))
+def test_bf16_runs_on_two_ranks_with_fp32_weights_and_emas_close_to_fp32(runs, backend):
+    states = rank_states(runs["full"][backend])
+    assert states[0].images_seen == BF16_STEPS * GLOBAL_BATCH
+    assert all(v.dtype == torch.float32 for v in full_parameters(backend, states, runs["tmp"]).values())
+    assert all(a.dtype == torch.float32 for s in states for avg in s.train_state["ema"]["averages"].values()
+               for a in avg)
+    # every fp32 backend equals one process to 1e-4 (above): fsdp's fp32 run stands for all of them
+    bf16, fp32 = metrics(runs["full"][backend]), metrics(runs["full"]["fsdp"])[:BF16_STEPS]
+    for a, b in zip(bf16, fp32):
+        assert a["grad_norm"] != b["grad_norm"] and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-2)
+        assert a["loss"] == pytest.approx(b["loss"], rel=5e-2)
 
 
 @pytest.mark.slow
 def test_fsdp_parameters_are_dim0_shards_including_uneven_and_empty_ones(runs, reference):
     a, b = (s.train_state["network"] for s in rank_states(runs["full"]["fsdp"]))
-    for name, param in reference.module.named_parameters():
+    for name, param in reference[0].module.named_parameters():
         rows = param.shape[0]
         assert (a[name].shape[0], b[name].shape[0]) == ((rows + 1) // 2, rows // 2), name  # not a DDP fallback
     assert a["class_emb.weight"].shape[0] == 6 and b["class_emb.weight"].shape[0] == 5  # 11 rows
@@ -149,14 +179,16 @@ def test_deepspeed_engine_runs_the_configured_zero_stage(runs, backend):
 def test_consolidated_ema_loads_strictly_into_a_plain_network_and_equals_one_process(runs, reference, backend):
     s = open_store(str(runs["full"][backend]))
     step = checkpoint.latest_complete(s, "demo")
-    cfg = reference.cfg
-    for name, average in zip(reference.ema.averages, reference.ema.consolidate(
-            [n for n, _ in reference.module.named_parameters()], reference.backend.gather()).values()):
+    p = reference[0]
+    for name, average in zip(p.ema.averages, p.ema.consolidate(
+            [n for n, _ in p.module.named_parameters()], p.backend.gather()).values()):
         weights = checkpoint.load_ema(s, "demo", step, name)
         assert all(w.dtype == torch.float32 for w in weights.values())
-        cfg.network.build().load_state_dict(weights, strict=True)
+        p.cfg.network.build().load_state_dict(weights, strict=True)
         for key, value in average.items():
-            torch.testing.assert_close(weights[key], value, **TOLERANCE, msg=f"{backend} {name} {key}")
+            # the weights' tolerance (test_train.assert_same_training): the EMAs average them
+            torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=p.cfg.optimizer.lr / 10,
+                                       msg=f"{backend} {name} {key}")
 
 
 @pytest.mark.slow

@@ -172,8 +172,8 @@ def test_train_step_returns_each_examples_logsnr_and_loss(tmp_path):
     demo.write(str(data), num_images=8, samples_per_shard=8)
     cfg = config.load(ExperimentConfig, DEMO, [*TINY, f"data.index={data}", "sample_every_images=0"])
     p = train.build_parts(cfg, 0, 1, CPU)
-    t, _ = train.draw_noise(cfg, 0, 0, 1, (4, 3, 32, 32))
-    loss, grad_norm, logsnr, losses = train.train_step(p, next(iter(Stream(cfg.data, 0, 1))), 0)
+    t, _ = train.draw_noise(cfg, 0, 0, 4, (4, 3, 32, 32), CPU)
+    loss, grad_norm, logsnr, losses = train.train_step(p, [next(iter(Stream(cfg.data, 0, 1)))], 0)
     assert torch.isfinite(grad_norm) and losses.shape == logsnr.shape == (4,)
     assert torch.equal(loss, losses.mean())
     # the adaptive sampler starts uniform on the schedule's range, logsnr decreasing in t

@@ -80,7 +80,7 @@ def test_learned_scalar_endpoints_carry_gradients():
 
 def test_antithetic_times_stratify_the_global_batch_across_ranks():
     g = [torch.Generator().manual_seed(5) for _ in range(2)]
-    ranks = [timesteps.antithetic(8, g[r], rank=r, world_size=2) for r in range(2)]
+    ranks = [timesteps.antithetic(8, g[r], start=8 * r, total=16) for r in range(2)]
     both = torch.sort(torch.cat(ranks)).values
     gaps = both[1:] - both[:-1]
     torch.testing.assert_close(gaps, torch.full_like(gaps, 1 / 16))
@@ -91,5 +91,5 @@ def test_discrete_snapping():
     t, s = timesteps.snap(torch.tensor([0.0, 0.01, 0.5, 0.51, 1.0], dtype=torch.float64), 10)
     torch.testing.assert_close(t, torch.tensor([0.1, 0.1, 0.5, 0.6, 1.0], dtype=torch.float64))
     torch.testing.assert_close(s, t - 0.1)
-    with pytest.raises(ValueError, match="uniform, antithetic"):
-        timesteps.draw("sobol", 4)
+    with pytest.raises(ValueError, match="positions 12..15 are outside a global batch of 14"):
+        timesteps.antithetic(4, start=12, total=14)

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import math
 import os
@@ -16,9 +17,11 @@ from launch.cli import main as cli
 from launching import DEMO, GLOBAL_BATCH, TINY, metrics, stop_after_first_record, torchrun, train_argv
 from test_checkpoint import FailingStore
 from trainer import checkpoint, config, train
+from trainer.config import ConfigError
 from trainer.experiment import ExperimentConfig
 from trainer.store import open_store
 
+CPU = torch.device("cpu")
 STEPS, CHECKPOINT_EVERY = 24, 64  # steps of the run; images between checkpoints
 
 
@@ -32,13 +35,47 @@ def final_state(store):
     return checkpoint.load_rank(s, "demo", checkpoint.latest_complete(s, "demo"), 0, 2)
 
 
-def both_ranks_noise(draw_noise):
-    """`train.draw_noise` for one process standing in for two ranks: both ranks' t and eps, concatenated."""
-    def draw(cfg, images_seen, rank, world_size, shape):
-        half = (shape[0] // 2, *shape[1:])
-        t, eps = zip(*(draw_noise(cfg, images_seen, r, 2, half) for r in range(2)))
-        return torch.cat(t), torch.cat(eps)
-    return draw
+def whole_batch(cfg: ExperimentConfig, world_size: int) -> ExperimentConfig:
+    """`cfg` with its global batch as one batch of one process."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=cfg.global_batch(world_size)),
+                               optimizer=dataclasses.replace(cfg.optimizer, accumulation=1))
+
+
+def concatenated(batches: list[dict]) -> dict:
+    return {k: torch.cat([b[k] for b in batches]) for k in ("x", "label")}
+
+
+def one_process_on_the_global_batch(cfg: ExperimentConfig, steps: int) -> tuple[train.Parts, list[tuple]]:
+    """The 2-rank run of `cfg` replayed in this process: each step on both ranks' micro-batches concatenated in
+    rank order (rank 0's accumulation micro-batches, then rank 1's), as one batch of the global size. Nothing else
+    is arranged: every example's t and eps follow from its position in the global batch. Returns the parts and
+    each step's (loss, gradient norm)."""
+    streams = [iter(Stream(cfg.data, rank, 2)) for rank in range(2)]
+    whole = whole_batch(cfg, 2)
+    p, steps_taken = train.build_parts(whole, 0, 1, torch.device("cpu")), []
+    for step in range(steps):
+        batches = [next(s) for s in streams for _ in range(cfg.optimizer.accumulation)]
+        loss, grad_norm, _, _ = train.train_step(p, [concatenated(batches)], step * whole.global_batch(1))
+        steps_taken.append((float(loss), float(grad_norm)))
+    return p, steps_taken
+
+
+def assert_same_training(replayed: list[tuple], store, params: dict, reference: train.Parts, what: str) -> None:
+    """A 2-rank run (its metrics.jsonl and full parameters) against its replay in one process.
+
+    The ranks sum float32 gradients in another order (per-rank means, then the all-reduce or reduce-scatter):
+    every step's loss agrees to 1e-4 and its gradient norm (before clipping, the most sensitive of the three) to
+    1e-3, where a wrong example or draw moves them by percents. Adam then
+    divides each coordinate by its own running RMS, which turns a rounding difference in a near-zero gradient into
+    a weight difference of a fraction of the learning rate, so the weights are held to lr / 10 (one step moves
+    them by up to lr)."""
+    logged = [(r["loss"], r["grad_norm"]) for r in metrics(store)]
+    assert len(logged) == len(replayed)
+    for step, ((loss, norm), (loss1, norm1)) in enumerate(zip(logged, replayed)):
+        assert loss == pytest.approx(loss1, rel=1e-4) and norm == pytest.approx(norm1, rel=1e-3), f"{what} step {step}"
+    for name, value in reference.module.named_parameters():
+        torch.testing.assert_close(params[name], value.detach(), rtol=1e-4, atol=reference.cfg.optimizer.lr / 10,
+                                   msg=f"{what} {name}")
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +124,10 @@ def test_resumed_run_repeats_the_uninterrupted_losses_and_weights_bitwise(runs):
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_equal_one_process_on_the_global_batch(runs, data, monkeypatch):
-    """Replays the run in this process: the two ranks' batches and noise concatenated, one step each."""
-    cfg = config.load(ExperimentConfig, DEMO, settings(data, runs["full"]))
-    streams = [iter(Stream(cfg.data, rank, 2)) for rank in range(2)]
-    monkeypatch.setattr(train, "draw_noise", both_ranks_noise(train.draw_noise))
-    p = train.build_parts(cfg, 0, 1, torch.device("cpu"))
-    for step in range(STEPS):
-        batches = [next(s) for s in streams]
-        batch = {k: torch.cat([b[k] for b in batches]) for k in ("x", "label")}
-        train.train_step(p, batch, step * GLOBAL_BATCH)
-    ddp = final_state(runs["full"]).train_state["network"]
-    for key, value in p.module.state_dict().items():
-        # float32 sums in a different order (per-rank means, then the all-reduce), amplified a little by Adam
-        torch.testing.assert_close(value, ddp[key], rtol=1e-4, atol=1e-5, msg=key)
+def test_two_ranks_under_torchrun_equal_one_process_on_the_global_batch(runs, data):
+    p, replayed = one_process_on_the_global_batch(config.load(ExperimentConfig, DEMO, settings(data, runs["full"])),
+                                                  STEPS)
+    assert_same_training(replayed, runs["full"], final_state(runs["full"]).train_state["network"], p, "ddp")
 
 
 @pytest.mark.slow
@@ -267,7 +294,7 @@ def test_bf16_step_runs_the_networks_matmuls_in_bf16_and_keeps_its_state_and_los
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                 m.register_forward_hook(lambda m, inputs, out: computed.add(out.dtype))
         batch = next(iter(Stream(cfg.data, 0, 2)))
-        loss, grad_norm, _, losses = train.train_step(p, batch, 0)
+        loss, grad_norm, _, losses = train.train_step(p, [batch], 0)
         assert computed == {torch.bfloat16 if precision == "bf16" else torch.float32}
         assert loss.dtype == losses.dtype == grad_norm.dtype == torch.float32
         assert all(q.dtype == torch.float32 for q in p.module.parameters())
@@ -293,6 +320,40 @@ def test_an_accelerate_precision_variable_that_disagrees_with_the_config_is_one_
     train.check_precision_environment(precision)  # agreeing: accepted
 
 
+def test_two_accumulated_micro_batches_equal_one_batch_of_twice_the_size(data, tmp_path):
+    """One process, batch 4 x accumulation 2 against batch 8: the same examples (the stream's order does not depend
+    on its batch size on one rank), the same t and eps for each, so the same losses and, up to float32 sums in
+    another order, the same parameters and EMAs."""
+    cfg = config.load(ExperimentConfig, DEMO, [*settings(data, tmp_path), "optimizer.accumulation=2"])
+    whole = whole_batch(cfg, 1)
+    assert (cfg.data.batch_size, cfg.global_batch(1), whole.data.batch_size) == (4, 8, 8)
+    runs = []
+    for c in (cfg, whole):
+        p, stream = train.build_parts(c, 0, 1, CPU), iter(Stream(c.data, 0, 1))
+        losses = []
+        for step in range(6):
+            micro_batches = [next(stream) for _ in range(c.optimizer.accumulation)]
+            losses.append(train.train_step(p, micro_batches, step * 8)[3])
+        runs.append((torch.cat(losses), p))
+    (losses, accumulated), (whole_losses, plain) = runs
+    torch.testing.assert_close(losses, whole_losses, rtol=1e-4, atol=1e-4)  # the first step's: bitwise
+    assert torch.equal(losses[:8], whole_losses[:8])
+    for (name, a), b in zip(accumulated.module.named_parameters(), plain.module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    for name in accumulated.ema.averages:
+        for a, b in zip(accumulated.ema.averages[name], plain.ema.averages[name]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_an_accumulation_that_does_not_divide_an_interval_names_both_numbers(data, tmp_path):
+    cfg = config.load(ExperimentConfig, DEMO, [*settings(data, tmp_path), "optimizer.accumulation=3"])
+    with pytest.raises(ConfigError, match=r"global batch 24 \(data.batch_size 4 x optimizer.accumulation 3 x 2 "
+                                          r"ranks\); found \{'log_every_images': 8"):
+        cfg.check_intervals(cfg.global_batch(2))
+    with pytest.raises(ConfigError, match="optimizer.accumulation >= 1 \\(found 0\\)"):
+        config.load(ExperimentConfig, DEMO, [*settings(data, tmp_path), "optimizer.accumulation=0"])
+
+
 def test_uint8_batches_train_exactly_like_the_streams_float_batches(data, tmp_path):
     """The trainer turns uint8 images into floats on its device by the stream's own rule, so that workers send
     (and a GPU receives) a quarter of the bytes without changing a step."""
@@ -303,7 +364,7 @@ def test_uint8_batches_train_exactly_like_the_streams_float_batches(data, tmp_pa
         batch = next(iter(Stream(cfg.data, 0, 2)))
         assert batch["x"].dtype == (torch.uint8 if dtype == "uint8" else torch.float32)
         p = train.build_parts(cfg, 0, 1, torch.device("cpu"))
-        loss = train.train_step(p, batch, 0)[0]
+        loss = train.train_step(p, [batch], 0)[0]
         steps.append((loss, [w.detach().clone() for w in p.module.parameters()]))
     (loss_u8, weights_u8), (loss_float, weights_float) = steps
     assert torch.equal(loss_u8, loss_float)
@@ -349,3 +410,31 @@ def test_freed_memory_is_kept_for_the_next_step():
     # unmapped at the end of every step and faulted in again, zeroed: 10,240 pages a step
     assert page_faults("glibc") > 10 * 8000
     assert page_faults("keep") < 100
+
+
+def test_the_step_keeps_one_memory_format_so_ddp_gradients_match_its_buckets(data, tmp_path):
+    """The demo network (1x1 convolutions where a stage widens) under DDP on a one-rank gloo group in this process:
+    the trainer's step raises no stride warning; the stream's channels_last batch fed as it comes does (so the
+    check can fail). The trainer's step goes first: the warning is emitted once per process."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    cfg = config.load(ExperimentConfig, DEMO, [f"data.index={data}", f"store={tmp_path}"])
+    batch = next(iter(Stream(cfg.data, 0, 1)))
+    assert batch["x"].is_contiguous(memory_format=torch.channels_last)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        p = train.build_parts(cfg, 0, 1, CPU)
+        p.backend.net = DistributedDataParallel(p.module)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train.train_step(p, [batch], 0)
+            assert not [w for w in caught if "bucket view strides" in str(w.message)]
+            x = train.to_float(batch["x"])
+            p.backend.zero_grad()  # gradients that exist keep their layout
+            p.backend.net(x, torch.zeros(len(x)), batch["label"]).square().mean().backward()
+        assert [w for w in caught if "bucket view strides" in str(w.message)]
+    finally:
+        dist.destroy_process_group()

@@ -49,14 +49,18 @@ class OptimizerConfig:
     weight_decay: float = 0.01  # applied to matrices and kernels only, never to biases and norm gains
     warmup_images: int = 0
     grad_clip: float = 1.0  # on the global gradient norm
+    # micro-batches of data.batch_size per optimizer step on each rank; global batch = batch x accumulation x ranks
+    accumulation: int = 1
     max_nonfinite_steps: int = 8  # consecutive skipped steps (non-finite gradients) before training aborts
 
     def __post_init__(self):
         if self.lr <= 0 or self.grad_clip <= 0:
             raise ConfigError(f"optimizer.lr and optimizer.grad_clip must be positive, found {self.lr}, "
                               f"{self.grad_clip}")
-        if self.warmup_images < 0 or self.max_nonfinite_steps < 1:
-            raise ConfigError("optimizer.warmup_images must be >= 0 and optimizer.max_nonfinite_steps >= 1")
+        if self.warmup_images < 0 or self.max_nonfinite_steps < 1 or self.accumulation < 1:
+            raise ConfigError(f"optimizer.warmup_images must be >= 0 (found {self.warmup_images}), "
+                              f"optimizer.max_nonfinite_steps >= 1 (found {self.max_nonfinite_steps}) and "
+                              f"optimizer.accumulation >= 1 (found {self.accumulation})")
         if self.schedule == "inverse_sqrt" and self.ref_images <= 0:
             raise ConfigError(f"optimizer.ref_images must be positive for schedule inverse_sqrt (EDM2 uses "
                               f"70000 x 2048 = 143360000), found {self.ref_images}")
@@ -96,9 +100,12 @@ class ExperimentConfig:
             raise ConfigError(f"sample_guidance must be >= 0, found {self.sample_guidance}")
         self.network.build_config()  # an unknown preset or field fails at load time, not after start-up
 
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step: data.batch_size x optimizer.accumulation x world size."""
+        return self.data.batch_size * self.optimizer.accumulation * world_size
+
     def check_intervals(self, global_batch: int) -> None:
-        """Every interval must be a whole number of global batches (batch_size x world size), or the clock
-        would step over it."""
+        """Every interval must be a whole number of global batches, or the clock would step over it."""
         intervals = {"total_images": self.total_images, "log_every_images": self.log_every_images,
                      "sample_every_images": self.sample_every_images,
                      "checkpoint.every_images": self.checkpoint.every_images,
@@ -107,4 +114,6 @@ class ExperimentConfig:
         uneven = {k: v for k, v in intervals.items() if v % global_batch}
         if uneven:
             raise ConfigError(f"intervals must be multiples of the global batch {global_batch} (data.batch_size "
-                              f"x world size); found {uneven}")
+                              f"{self.data.batch_size} x optimizer.accumulation {self.optimizer.accumulation} x "
+                              f"{global_batch // (self.data.batch_size * self.optimizer.accumulation)} ranks); "
+                              f"found {uneven}")

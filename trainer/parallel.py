@@ -16,6 +16,7 @@ Who wraps what, and why:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -64,14 +65,27 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class Backend:
-    """Plain PyTorch optimizer on `module`; `net` is what the step calls (the module, or its DDP wrapper)."""
+    """Plain PyTorch optimizer on `module`; `net` is what the step calls (the module, or its DDP wrapper).
 
-    def __init__(self, module: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer):
-        self.module, self.net, self.optimizer = module, net, optimizer
+    An optimizer step is zero_grad, then per micro-batch its forward and `backward` inside `micro_batch(last)`,
+    then `step`: gradients are summed over `accumulation` micro-batches and synchronised across ranks once, with
+    the last one."""
 
-    def backward(self, loss: Tensor) -> None:
+    def __init__(self, module: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer, accumulation: int = 1):
+        self.module, self.net, self.optimizer, self.accumulation = module, net, optimizer, accumulation
+
+    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around a micro-batch's forward and backward: DDP's no_sync for all but the last."""
+        if last or not isinstance(self.net, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.net.no_sync()
+
+    def backward(self, loss: Tensor, last: bool = True) -> None:
+        """`loss` is a micro-batch's mean: the accumulated gradient is that of the mean over all of them."""
+        (loss / self.accumulation).backward()
 
     def step(self, lr: float, grad_clip: float) -> Tensor:
         """Clip to the global norm and step, unless that norm is non-finite; returns the norm before clipping."""
@@ -139,7 +153,11 @@ class FSDP(Backend):
         for block in blocks(module):
             fully_shard(block, mesh=mesh, mp_policy=inner)
         fully_shard(module, mesh=mesh, mp_policy=root)
-        super().__init__(module, module, build_optimizer(module, cfg))  # on the sharded parameters
+        super().__init__(module, module, build_optimizer(module, cfg), cfg.accumulation)  # on the local shards
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        self.module.set_requires_gradient_sync(last)  # reduce-scatter (and all-reduce, hybrid) with the last only
+        return contextlib.nullcontext()
 
     def step(self, lr: float, grad_clip: float) -> Tensor:
         # the norm of DTensor gradients is a DTensor: its full value is the global norm, the same on every rank
@@ -181,21 +199,29 @@ class DeepSpeed(Backend):
     by DeepSpeed itself on resume, after the manifest's sha256 has matched."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: ParallelConfig, micro_batch: int,
-                 grad_clip: float):
+                 accumulation: int, grad_clip: float):
         import deepspeed  # 2.5 s to import, and only this backend needs it
         zero = {"stage": cfg.zero_stage}
         if cfg.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
-        config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+        config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
                   "gradient_clipping": grad_clip, "zero_optimization": zero,
                   "zero_allow_untested_optimizer": True,  # torch's AdamW
                   "zero_force_ds_cpu_optimizer": False}  # offload with torch's AdamW too
         self.engine, zero_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         self.stage = self.engine.zero_optimization_stage()
-        super().__init__(self.engine.module, self.engine, zero_optimizer)
+        super().__init__(self.engine.module, self.engine, zero_optimizer, accumulation)
 
-    def backward(self, loss: Tensor) -> None:
-        self.engine.backward(loss)  # the engine zeroes the gradients after each step, applied or skipped
+    def zero_grad(self) -> None:
+        pass  # the engine zeroes the gradients after each optimizer step, applied or skipped
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine counts micro-batches and reduces at its accumulation boundary
+
+    def backward(self, loss: Tensor, last: bool = True) -> None:
+        self.engine.backward(loss)  # divided by gradient_accumulation_steps inside
+        if not last:
+            self.engine.step()  # a micro-step: the engine only counts it
 
     def step(self, lr: float, grad_clip: float) -> Tensor:
         """`grad_clip` is the engine's `gradient_clipping`, set when it was built."""
@@ -245,11 +271,13 @@ def wrap(module: nn.Module, cfg: ParallelConfig, optimizer: OptimizerConfig, mic
     """`module` wrapped for `cfg.backend` on accelerate's process group; with one process there is nothing to share
     and every backend is the plain module (`accelerator` None: no process group at all)."""
     if accelerator is None or accelerator.num_processes == 1:
-        return Backend(module, module, build_optimizer(module, optimizer))
+        return Backend(module, module, build_optimizer(module, optimizer), optimizer.accumulation)
     if cfg.backend == "ddp":
-        return Backend(module, accelerator.prepare_model(module), build_optimizer(module, optimizer))
+        return Backend(module, accelerator.prepare_model(module), build_optimizer(module, optimizer),
+                       optimizer.accumulation)
     if cfg.backend == "deepspeed":
-        return DeepSpeed(module, build_optimizer(module, optimizer), cfg, micro_batch, optimizer.grad_clip)
+        return DeepSpeed(module, build_optimizer(module, optimizer), cfg, micro_batch, optimizer.accumulation,
+                         optimizer.grad_clip)
     from torch.distributed.device_mesh import init_device_mesh
     world, device = accelerator.num_processes, accelerator.device.type
     if cfg.fsdp_shard == "full":
