@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -6,7 +8,9 @@ from models.presets import PRESETS, build_network, flops_per_forward
 from models.samplers import guided
 from models.unet_vdm import DiffEncEncoder
 from models.uvit import UViTConfig
-from trainer.config import ConfigError, from_dict, to_dict
+from models.objective import ObjectiveConfig
+from trainer.config import ConfigError, dump, from_dict, load, to_dict
+from trainer.experiment import ExperimentConfig
 
 NETWORKS = [name for name, c in PRESETS.items() if not name.startswith("diffenc_encoder")]
 
@@ -104,3 +108,45 @@ def test_network_configs_load_strictly_from_yaml_mappings():
         from_dict(UViTConfig, {"stages": ["resnet", "conv"]})
     for name, preset in PRESETS.items():
         assert from_dict(type(preset), to_dict(preset)) == preset, name
+
+
+# the ImageNet presets and the global batch each is written for (its comment says which GPU count gives it)
+RUN_PRESETS = {"imagenet64_uvit_small": 32, "imagenet128_uvit": 64, "imagenet256_uvit_h2_latent": 8,
+               "imagenet512_uvit_h4_latent": 8, "vdm_imagenet32": 8}
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", list(RUN_PRESETS))
+def test_each_imagenet_preset_loads_strictly_and_its_intervals_fit_its_global_batch(name, tmp_path):
+    cfg = load(ExperimentConfig, CONFIGS / f"{name}.yaml", ["data.index=/data/train"])
+    assert cfg.run == name
+    cfg.check_intervals(cfg.global_batch(RUN_PRESETS[name]))
+    text = (CONFIGS / f"{name}.yaml").read_text()
+    assert f"= {cfg.global_batch(RUN_PRESETS[name])}" in text  # the comment states the global batch it sets
+    with torch.device("meta"):
+        net = cfg.network.build()
+    assert net.config == cfg.network.build_config()
+    # what the config file and its fragment say, resolved: written to config.yaml, it loads back unchanged
+    (tmp_path / "config.yaml").write_text(dump(cfg))
+    assert load(ExperimentConfig, tmp_path / "config.yaml") == cfg
+
+
+def test_presets_take_their_objective_from_the_fragment_and_change_only_what_they_name():
+    fragment = load(ObjectiveConfig, CONFIGS / "objectives" / "edm_monotonic_imagenet128.yaml")
+    assert load(ExperimentConfig, CONFIGS / "imagenet128_uvit.yaml").objective == fragment
+    at64 = load(ExperimentConfig, CONFIGS / "imagenet64_uvit_small.yaml").objective
+    assert (at64.schedule.resolution, at64.weighting.resolution, at64.importance) == (64, 64, "adaptive")
+    assert (at64.schedule.name, at64.schedule.logsnr_min, at64.weighting.name, at64.time_sampler) == \
+           (fragment.schedule.name, fragment.schedule.logsnr_min, fragment.weighting.name, fragment.time_sampler)
+
+
+def test_includes_that_are_missing_circular_or_not_a_name_are_one_line_naming_the_key(tmp_path):
+    (tmp_path / "a.yaml").write_text("objective: {include: missing.yaml}\n")
+    (tmp_path / "b.yaml").write_text("include: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("include: b.yaml\n")
+    (tmp_path / "d.yaml").write_text("objective: {include: [x]}\n")
+    for name, message in (("a", "a.yaml: objective.include: config file not found: .*missing.yaml"),
+                          ("b", "b.yaml includes itself"), ("d", "d.yaml: objective.include must be a file name")):
+        with pytest.raises(ConfigError, match=message) as e:
+            load(ExperimentConfig, tmp_path / f"{name}.yaml")
+        assert "\n" not in str(e.value)

@@ -147,16 +147,45 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+INCLUDE = "include"
+
+
+def read_file(path: Path, where: str = "", seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping with its includes resolved: a section `{include: FILE, key: value, ...}` is FILE's mapping
+    (a path relative to the including file) with the section's other keys replacing or merged into its own, so
+    that presets share one copy of a fragment (configs/objectives/) and change only what differs."""
+    if not path.is_file():
+        raise ConfigError(f"{where + ': ' if where else ''}config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{where}: {path} includes itself (through {' -> '.join(str(p) for p in seen)})")
+    data = read_yaml(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, found {type(data).__name__}")
+    return _resolve(data, path, "", (*seen, path.resolve()))
+
+
+def _resolve(data: dict, path: Path, where: str, seen: tuple[Path, ...]) -> dict:
+    out = {k: _resolve(v, path, f"{where}.{k}" if where else str(k), seen) if isinstance(v, dict) else v
+           for k, v in data.items() if k != INCLUDE}
+    if INCLUDE not in data:
+        return out
+    name = data[INCLUDE]
+    key = f"{path}: {where + '.' if where else ''}{INCLUDE}"
+    if not isinstance(name, str):
+        raise ConfigError(f"{key} must be a file name, found {name!r}")
+    return _merge(read_file(path.parent / name, key, seen), out)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for k, v in top.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Load `cls` from a YAML file (or defaults when path is None), then apply overrides, then validate."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = read_yaml(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping, found {type(data).__name__}")
+    data = read_file(Path(path)) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides))
 
 
