@@ -26,7 +26,7 @@ def test_demo_trains_evaluates_every_checkpoint_and_prints_the_report(tmp_path, 
     assert f"the run's report: {report.resolve()}" in out and report.is_file()
     results = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "demo" / "evals").glob("*/*.json")]
     names = {r["metric"] for r in results}
-    assert names == {"fid_random_inception20-guidance3", "is_random_inception20-guidance3", "bpd"}
+    assert names == {"fid_random_inception20-guidance2", "is_random_inception20-guidance2", "bpd"}
     assert len(results) == 6 and all(r["status"] == "ok" for r in results)  # both checkpoints, every metric
     assert all(name in out for name in names) and "not FID or IS" in out
     assert (tmp_path / "data-val" / "index.json").is_file()
