@@ -49,17 +49,18 @@ from trainer.store import open_store
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def demo_config(data: str, store: str) -> ExperimentConfig:
+def demo_config(data: str, store: str, accumulation: int = 1) -> ExperimentConfig:
     # a record every 8 steps instead of the demo's 64, so that the timed steps include metrics.jsonl and
     # TensorBoard writes: an upper bound on what the demo's interval costs
     return config.load(ExperimentConfig, ROOT / "configs" / "demo.yaml",
-                       [f"data.index={data}", f"store={store}", "log_every_images=256"])
+                       [f"data.index={data}", f"store={store}", f"log_every_images={256 * accumulation}",
+                        f"optimizer.accumulation={accumulation}"])
 
 
-def loop_step(p: train.Parts, metrics: MetricsLog, progress: train.Progress, batch: dict) -> None:
+def loop_step(p: train.Parts, metrics: MetricsLog, progress: train.Progress, micro_batches: list[dict]) -> None:
     """`trainer.train.train`'s loop body on one process, minus the sample grid and checkpoint intervals."""
-    cfg, global_batch = p.cfg, len(batch["x"])
-    loss, grad_norm, logsnr, losses = train.train_step(p, [batch], progress.images_seen)
+    cfg, global_batch = p.cfg, p.cfg.global_batch(1)
+    loss, grad_norm, logsnr, losses = train.train_step(p, micro_batches, progress.images_seen)
     progress.images_seen += global_batch
     finite = bool(torch.isfinite(grad_norm))
     progress.count(finite, cfg.optimizer.max_nonfinite_steps)
@@ -71,11 +72,13 @@ def loop_step(p: train.Parts, metrics: MetricsLog, progress: train.Progress, bat
 
 
 def bare_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: ExperimentConfig, sampler, weight,
-              batch: dict) -> None:
-    x, cond = batch["x"], batch["label"]
+              micro_batches: list[dict]) -> None:
     optimizer.zero_grad(set_to_none=True)
-    objective.weighted_loss(net, x, cond, schedule=sampler, weighting=weight, t=torch.rand(len(x)),
-                            eps=torch.randn_like(x)).mean().backward()
+    for batch in micro_batches:
+        x, cond = batch["x"], batch["label"]
+        loss = objective.weighted_loss(net, x, cond, schedule=sampler, weighting=weight, t=torch.rand(len(x)),
+                                       eps=torch.randn_like(x)).mean()
+        (loss / len(micro_batches)).backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optimizer.grad_clip)
     optimizer.step()
 
@@ -107,14 +110,15 @@ def step_overhead(p: train.Parts, store, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     n = cfg.data.batch_size
     res = cfg.network.build_config().resolution
-    batch = {"x": torch.rand((n, 3, res, res), generator=g) * 2 - 1, "label": torch.randint(0, 10, (n,), generator=g)}
+    micro_batches = [{"x": torch.rand((n, 3, res, res), generator=g) * 2 - 1,
+                      "label": torch.randint(0, 10, (n,), generator=g)} for _ in range(cfg.optimizer.accumulation)]
     progress = train.Progress()
     names = ("loop", "train_step", "bare")
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}  # (wall, cpu) seconds per step
     with MetricsLog(store, cfg, 0, True, p.device) as metrics:
-        sides = {"loop": lambda: loop_step(p, metrics, progress, batch),
-                 "train_step": lambda: train.train_step(p, [batch], progress.images_seen),
-                 "bare": lambda: bare_step(p.module, p.backend.optimizer, cfg, p.sampler, p.weight, batch)}
+        sides = {"loop": lambda: loop_step(p, metrics, progress, micro_batches),
+                 "train_step": lambda: train.train_step(p, micro_batches, progress.images_seen),
+                 "bare": lambda: bare_step(p.module, p.backend.optimizer, cfg, p.sampler, p.weight, micro_batches)}
         for _ in range(3):  # warm-up: allocator, first AdamW state
             for side in sides.values():
                 side()
@@ -147,8 +151,8 @@ def checkpoint_cost(p: train.Parts, store, step_s: float, writes: int) -> dict:
         progress.images_seen = (i + 1) * cfg.checkpoint.every_images
         seconds.append(timed_cpu(lambda: train.save_checkpoint(p, store, stream, progress, lambda: None))[0])
     write_s = statistics.median(seconds)
-    steps_between = cfg.checkpoint.every_images // cfg.data.batch_size
-    prefix = f"{cfg.run}/checkpoints/{progress.images_seen // cfg.data.batch_size:09d}/"
+    steps_between = cfg.checkpoint.every_images // cfg.global_batch(1)
+    prefix = f"{cfg.run}/checkpoints/{progress.images_seen // cfg.global_batch(1):09d}/"
     return {"write_s": write_s, "write_s_all": seconds, "bytes": sum(len(store.get(k)) for k in store.list(prefix)),
             "stall_in_steps": write_s / step_s,
             "stall_fraction_at_demo_interval": write_s / (write_s + steps_between * step_s),
@@ -160,18 +164,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="steps timed on each side")
     parser.add_argument("--writes", type=int, default=3, help="checkpoints written per store")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches of 32 per optimizer step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train.keep_freed_memory()  # as `elbodiff train` does on CPU; the bare loop runs in the same process
     with tempfile.TemporaryDirectory(prefix="elbodiff-bench-") as tmp:
         demo.write(f"{tmp}/data", num_images=256, samples_per_shard=128)
-        cfg = demo_config(f"{tmp}/data", f"{tmp}/runs")
+        cfg = demo_config(f"{tmp}/data", f"{tmp}/runs", args.accumulation)
         p = train.build_parts(cfg, 0, 1, torch.device("cpu"))
         step = step_overhead(p, open_store(f"{tmp}/runs"), args.steps)
         result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                               "threads": args.threads, "load_average": os.getloadavg()},
                   "config": {"preset": cfg.network.preset, "overrides": cfg.network.overrides,
-                             "batch": cfg.data.batch_size, "emas": len(cfg.ema.sigma_rels),
+                             "batch": cfg.data.batch_size, "accumulation": cfg.optimizer.accumulation,
+                             "emas": len(cfg.ema.sigma_rels),
                              "log_every_images": cfg.log_every_images,
                              "checkpoint_every_images": cfg.checkpoint.every_images},
                   "step": step}

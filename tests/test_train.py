@@ -438,3 +438,28 @@ def test_the_step_keeps_one_memory_format_so_ddp_gradients_match_its_buckets(dat
         assert [w for w in caught if "bucket view strides" in str(w.message)]
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow  # inductor compiles the blocks' kernels with g++: about a minute on two cores
+def test_compiled_blocks_train_like_eager_without_graph_breaks_and_their_checkpoint_loads_uncompiled(data, tmp_path):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    runs = {}
+    for compiled in (False, True):
+        cfg = config.load(ExperimentConfig, DEMO, [*settings(data, tmp_path), f"compile={str(compiled).lower()}"])
+        p, stream = train.build_parts(cfg, 0, 1, CPU), iter(Stream(cfg.data, 0, 1))
+        losses = [train.train_step(p, [next(stream)], step * 4)[0] for step in range(3)]
+        runs[compiled] = torch.stack(losses), p.module.state_dict()
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] > 0
+    (eager_losses, eager), (compiled_losses, state) = runs[False], runs[True]
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-4, atol=1e-3)  # other kernels, other sums
+    assert list(state) == list(eager) and not [k for k in state if "_orig_mod" in k]
+    cfg.network.build().load_state_dict(state, strict=True)
+
+
+def test_compile_where_inductor_cannot_build_kernels_is_one_line(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    cfg = config.load(ExperimentConfig, DEMO, [*settings(data, tmp_path), "compile=true"])
+    with pytest.raises(ConfigError, match="compile: true on CPU needs a C\\+\\+ compiler.*'/nonexistent/g\\+\\+'"):
+        train.build_parts(cfg, 0, 1, CPU)

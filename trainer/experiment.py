@@ -84,6 +84,9 @@ class ExperimentConfig:
     # bf16: the network's matmuls and convolutions in bf16 (autocast; FSDP2 also gathers bf16 parameters), while
     # master weights, optimizer state, EMAs, gradient reductions and the loss's terms stay fp32
     precision: Literal["fp32", "bf16"] = "fp32"
+    # torch.compile each repeated block of the network (as torchtitan does), each as one graph (fullgraph: a graph
+    # break is an error); the parameters keep their names, so checkpoints load into an uncompiled network
+    compile: bool = False
     log_every_images: int = 2**14
     sample_every_images: int = 2**18  # a grid from the EMA weights, rank 0; 0: none (latent runs)
     sample_steps: int = 32  # DDIM steps of that grid: a progress picture, not an evaluation

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,19 @@ class Backend:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def compile_blocks(module: nn.Module, device: torch.device) -> None:
+    """torch.compile, in place, every block of `module` that is not inside another block."""
+    compiler = os.environ.get("CXX", "g++")  # what inductor runs for CPU kernels
+    if device.type == "cpu" and shutil.which(compiler) is None:
+        raise ConfigError(f"compile: true on CPU needs a C++ compiler for inductor, and {compiler!r} (the CXX "
+                          "environment variable, default g++) is not on PATH: install g++ or set compile=false")
+    listed = blocks(module)
+    nested = {id(m) for b in listed for m in b.modules() if m is not b}
+    for block in listed:
+        if id(block) not in nested:
+            block.compile(fullgraph=True)
 
 
 def blocks(module: nn.Module) -> list[nn.Module]:

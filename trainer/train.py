@@ -307,8 +307,10 @@ def build_parts(cfg: ExperimentConfig, rank: int, world_size: int, device: torch
                 accelerator: Accelerator | None = None) -> Parts:
     """The network wrapped for cfg.parallel on accelerator's process group; None: one plain process."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    backend = parallel.wrap(cfg.network.build().to(device), cfg.parallel, cfg.optimizer, cfg.data.batch_size,
-                            accelerator, cfg.precision)
+    module = cfg.network.build().to(device)
+    if cfg.compile:  # before any wrapper, as torchtitan does: FSDP2 then shards the compiled blocks
+        parallel.compile_blocks(module, device)
+    backend = parallel.wrap(module, cfg.parallel, cfg.optimizer, cfg.data.batch_size, accelerator, cfg.precision)
     sampler = objective.build_sampler(cfg.objective).to(device)
     return Parts(cfg, backend, EMA(cfg.ema, backend.local_params()), sampler, weighting.build(cfg.objective.weighting),
                  rank, world_size, device)
