@@ -463,3 +463,15 @@ def test_compile_where_inductor_cannot_build_kernels_is_one_line(data, tmp_path,
     cfg = config.load(ExperimentConfig, DEMO, [*settings(data, tmp_path), "compile=true"])
     with pytest.raises(ConfigError, match="compile: true on CPU needs a C\\+\\+ compiler.*'/nonexistent/g\\+\\+'"):
         train.build_parts(cfg, 0, 1, CPU)
+
+
+@pytest.mark.slow
+def test_a_two_rank_ddp_checkpoint_holds_one_copy_of_the_replicated_state_and_both_ranks_resume_from_it(runs):
+    store = open_store(str(runs["full"]))
+    step = checkpoint.latest_complete(store, "demo")
+    files = checkpoint.read_manifest(store, "demo", step)["files"]
+    network_bytes = sum(v.numel() * v.element_size() for v in final_state(runs["full"]).train_state["network"].values())
+    assert files["rank-00000.pt"]["size"] > 3 * network_bytes  # the network, AdamW's two moments, two EMAs
+    assert files["rank-00001.pt"]["size"] < 2000  # an empty state: rank 1 resumes from rank 0's
+    ranks = [checkpoint.load_rank(store, "demo", step, rank, 2) for rank in range(2)]
+    assert all(torch.equal(ranks[1].train_state["network"][k], v) for k, v in ranks[0].train_state["network"].items())

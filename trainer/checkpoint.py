@@ -302,7 +302,8 @@ def _get_verified(store: Store, prefix: str, manifest: dict, name: str) -> bytes
 
 
 def load_rank(store: Store, run: str, step: int, rank: int, world_size: int) -> RankState:
-    """Rank `rank`'s resume state from complete checkpoint `step`; nothing is unpickled (weights_only)."""
+    """Rank `rank`'s resume state from complete checkpoint `step`; nothing is unpickled (weights_only). A rank
+    that saved an empty train state shares rank 0's: state replicated on every rank (DDP) is written once."""
     prefix = checkpoint_prefix(run, step)
     manifest = read_manifest(store, run, step)
     if manifest["world_size"] != world_size:
@@ -313,7 +314,8 @@ def load_rank(store: Store, run: str, step: int, rank: int, world_size: int) -> 
     def tensors(name: str) -> dict:
         return torch.load(io.BytesIO(_get_verified(store, prefix, manifest, name)), weights_only=True)
 
-    return RankState(step=step, images_seen=manifest["images_seen"], train_state=tensors(model_name),
+    train_state = tensors(model_name) or tensors(_rank_files(0)[0])
+    return RankState(step=step, images_seen=manifest["images_seen"], train_state=train_state,
                      rng=tensors(rng_name), data_state=json.loads(_get_verified(store, prefix, manifest, data_name)))
 
 

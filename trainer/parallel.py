@@ -72,6 +72,8 @@ class Backend:
     then `step`: gradients are summed over `accumulation` micro-batches and synchronised across ranks once, with
     the last one."""
 
+    replicated = True  # every rank holds the same network and optimizer state: a checkpoint needs one copy
+
     def __init__(self, module: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer, accumulation: int = 1):
         self.module, self.net, self.optimizer, self.accumulation = module, net, optimizer, accumulation
 
@@ -153,6 +155,7 @@ class FSDP(Backend):
     shards; the resume state is this rank's shards of the network and of the optimizer state (plain tensors, so
     they load with weights_only), turned back into DTensors on load by the state-dict APIs of
     torch.distributed.checkpoint."""
+    replicated = False
 
     def __init__(self, module: nn.Module, cfg: OptimizerConfig, mesh, precision: str = "fp32"):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -211,6 +214,7 @@ class DeepSpeed(Backend):
     and `gather` reassembles them. The resume state is the files `save_checkpoint` writes for this rank, as bytes:
     they hold pickled DeepSpeed objects, so they are stored opaque (the checkpoint stays weights_only) and unpickled
     by DeepSpeed itself on resume, after the manifest's sha256 has matched."""
+    replicated = False  # each rank's engine files hold its own partitions
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, cfg: ParallelConfig, micro_batch: int,
                  accumulation: int, grad_clip: float):

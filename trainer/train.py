@@ -258,10 +258,12 @@ class Progress:
 def save_checkpoint(p: Parts, store: Store, stream: Stream, progress: Progress, barrier: Callable[[], None]) -> bool:
     cfg = p.cfg
     ema = consolidated_ema(p)
-    train_state = {**p.backend.state_dict(), "parallel": config.to_dict(cfg.parallel), "ema": p.ema.state_dict(),
-                   "progress": vars(progress).copy()}
-    if cfg.objective.importance == "adaptive":
-        train_state["sampler"] = p.sampler.state_dict()
+    train_state = {}  # DDP: network, optimizer, EMAs and sampler are the same on every rank, written by rank 0
+    if p.rank == 0 or not p.backend.replicated:
+        train_state = {**p.backend.state_dict(), "parallel": config.to_dict(cfg.parallel), "ema": p.ema.state_dict(),
+                       "progress": vars(progress).copy()}
+        if cfg.objective.importance == "adaptive":
+            train_state["sampler"] = p.sampler.state_dict()
     step = progress.images_seen // cfg.global_batch(p.world_size)
     return checkpoint.save(store, cfg.run, step, images_seen=progress.images_seen, rank=p.rank,
                            world_size=p.world_size, barrier=barrier, train_state=train_state,
