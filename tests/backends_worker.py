@@ -27,3 +27,8 @@ if __name__ == "__main__":
         code = train.main(config_path, run["overrides"])
         if code:
             sys.exit(code)
+    # the first run made the process group (accelerate keeps it for the others) with its configured timeout
+    import torch
+    import torch.distributed as dist
+    backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    print(f"process group timeout: {backend.options._timeout.total_seconds():.0f} s")

@@ -35,10 +35,11 @@ ACCUMULATED = {"ddp-accumulated": ACCUMULATION, "fsdp-accumulated": ["parallel.b
 BF16 = {"ddp-bf16": ["precision=bf16"], "fsdp-bf16": ["parallel.backend=fsdp", "precision=bf16"],
         "zero2-bf16": ["parallel.backend=deepspeed", "parallel.zero_stage=2", "precision=bf16"]}
 BF16_STEPS = 3  # CPU bf16 is slow
+TIMEOUT_S = 321  # not accelerate's default (1800 s): the worker prints the one its process group got
 
 
 def settings(data, store, backend, total=STEPS * GLOBAL_BATCH, sample_every=STEPS * GLOBAL_BATCH):
-    return [*TINY, "checkpoint.every_images=32", *{"ddp": [], **BACKENDS, **ACCUMULATED, **BF16}[backend],
+    return [*TINY, "checkpoint.every_images=32", f"process_group_timeout_s={TIMEOUT_S}", *{"ddp": [], **BACKENDS, **ACCUMULATED, **BF16}[backend],
             f"data.index={data}", f"store={store}", f"total_images={total}", f"sample_every_images={sample_every}"]
 
 
@@ -82,7 +83,12 @@ def runs(data, tmp_path_factory, deepspeed_ops):
     assert torchrun([str(ROOT / "tests" / "backends_worker.py"), str(DEMO), worker], log) == 0, \
         log.read_text()[-3000:]
     split = {b: stop_and_resume(data, tmp, b) for b in ("fsdp", "zero3")}
-    return {"full": stores, "split": split, "nonfinite": nonfinite, "tmp": tmp}
+    return {"full": stores, "split": split, "nonfinite": nonfinite, "tmp": tmp, "worker_log": log.read_text()}
+
+
+@pytest.mark.slow
+def test_the_process_group_gets_the_configured_timeout(runs):
+    assert runs["worker_log"].count(f"process group timeout: {TIMEOUT_S} s") == 2  # both ranks
 
 
 @pytest.fixture(scope="module")

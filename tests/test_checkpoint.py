@@ -307,3 +307,37 @@ def test_writer_killed_mid_checkpoint_leaves_it_ignored(tmp_path):
     assert store.exists(f"{RUN}/checkpoints/000000002/rank-00000.pt")
     assert latest_complete(store, RUN) == 1
     assert json.loads(store.get(f"{RUN}/checkpoints/000000001/manifest.json"))["step"] == 1
+
+
+def flip_a_byte(path):
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_at_resume_each_rank_checks_its_own_files_and_rank_0_also_the_shared_ones(tmp_path):
+    import threading
+
+    store, barrier, written = open_store(str(tmp_path)), threading.Barrier(2), {}
+
+    def write(rank):  # two ranks of one checkpoint, meeting at a real barrier
+        written[rank] = save(store, RUN, 1, images_seen=64, rank=rank, world_size=2, barrier=barrier.wait,
+                             train_state=small_state(rank), data_state={"consumed": rank},
+                             ema={"e": {"w": torch.zeros(2)}} if rank == 0 else {})
+    threads = [threading.Thread(target=write, args=(rank,)) for rank in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert written == {0: True, 1: True} and [checkpoint.rank_check(store, RUN, 1, r) for r in (0, 1)] == [None, None]
+    folder = tmp_path / RUN / "checkpoints" / "000000001"
+    flip_a_byte(folder / "rank-00001.pt")
+    assert checkpoint.rank_check(store, RUN, 1, 0) is None  # rank 0 does not read rank 1's files
+    assert checkpoint.rank_check(store, RUN, 1, 1) == ("corrupted", "rank-00001.pt does not match its manifest")
+    flip_a_byte(folder / "ema-e.safetensors")
+    assert checkpoint.rank_check(store, RUN, 1, 0) == ("corrupted", "ema-e.safetensors does not match its manifest")
+    broken = FailingStore(store, lambda key: False)
+    broken.open = lambda key: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error", key))
+    assert checkpoint.rank_check(broken, RUN, 1, 0)[0] == "unreadable"
+    checkpoint.set_aside(store, RUN, 1, "rank-00001.pt does not match its manifest")
+    assert complete_steps(store, RUN) == [] and store.exists(f"{RUN}/checkpoints/000000001/manifest.json.rejected")

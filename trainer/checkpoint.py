@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import random
+import re
 import struct
 import tempfile
 import time
@@ -227,19 +228,46 @@ def read_manifest(store: Store, run: str, step: int) -> dict:
     return json.loads(store.get(checkpoint_prefix(run, step) + MANIFEST))
 
 
-def _mismatch(store: Store, run: str, step: int) -> str | None:
+def _mismatch(store: Store, run: str, step: int, rank: int | None = None) -> str | None:
     """Why checkpoint `step` does not match its manifest (unreadable manifest, a listed file missing or changed),
-    None when it matches. Other store errors are raised: they say nothing about the checkpoint."""
+    None when it matches. `rank` given: only that rank's own files, and for rank 0 also the shared ones (EMA
+    weights, the attempt token). Other store errors are raised: they say nothing about the checkpoint."""
     prefix = checkpoint_prefix(run, step)
     try:
         manifest = read_manifest(store, run, step)
         for name, want in manifest["files"].items():
+            owner = re.search(r"-(\d{5})\.(?:pt|json)$", name)
+            if rank is not None and (int(owner[1]) if owner else 0) != rank:
+                continue
             with store.open(prefix + name) as f:
                 if _digest(f) != want:
                     return f"{name} does not match its manifest"
     except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def rank_check(store: Store, run: str, step: int, rank: int) -> tuple[str, str] | None:
+    """This rank's part of verifying checkpoint `step` at resume, so that no rank hashes the others' files:
+    None when its files match, else ("corrupted" | "unreadable", why)."""
+    try:
+        reason = _mismatch(store, run, step, rank)
+    except STORE_ERRORS as e:
+        return "unreadable", str(e)
+    return None if reason is None else ("corrupted", reason)
+
+
+def set_aside(store: Store, run: str, step: int, reason: str) -> None:
+    """A corrupted checkpoint's manifest moves to `manifest.json.rejected` (with the reason), so that it no
+    longer counts as complete, for retention, evaluation or the next attempt to write that step."""
+    prefix = checkpoint_prefix(run, step)
+    log.error("checkpoint %s is corrupted (%s); setting it aside as %s", prefix, reason, REJECTED)
+    try:
+        store.put(prefix + REJECTED, json.dumps({"reason": reason, "manifest": _text(store, prefix + MANIFEST)},
+                                                indent=1).encode())
+        store.delete(prefix + MANIFEST)
+    except STORE_ERRORS as e:
+        log.error("checkpoint %s could not be set aside: %s", prefix, e)
 
 
 def verify(store: Store, run: str, step: int) -> bool:
@@ -256,25 +284,17 @@ def verify(store: Store, run: str, step: int) -> bool:
 def latest_complete(store: Store, run: str) -> int | None:
     """The newest step whose manifest verifies; half-written and corrupted checkpoints are skipped.
 
-    A corrupted one is set aside: its manifest moves to `manifest.json.rejected` (with the reason), so that it no
-    longer counts as complete, for retention, evaluation or the next attempt to write that step. A checkpoint the
-    store cannot read now (an error other than a missing file) is skipped and left as it is."""
+    A corrupted one is set aside (`set_aside`). A checkpoint the store cannot read now (an error other than a
+    missing file) is skipped and left as it is."""
     for step in reversed(complete_steps(store, run)):
-        prefix = checkpoint_prefix(run, step)
         try:
             reason = _mismatch(store, run, step)
         except STORE_ERRORS as e:
-            log.warning("checkpoint %s cannot be read now, skipped: %s", prefix, e)
+            log.warning("checkpoint %s cannot be read now, skipped: %s", checkpoint_prefix(run, step), e)
             continue
         if reason is None:
             return step
-        log.error("checkpoint %s is corrupted (%s); setting it aside as %s", prefix, reason, REJECTED)
-        try:
-            store.put(prefix + REJECTED, json.dumps({"reason": reason, "manifest": _text(store, prefix + MANIFEST)},
-                                                    indent=1).encode())
-            store.delete(prefix + MANIFEST)
-        except STORE_ERRORS as e:
-            log.error("checkpoint %s could not be set aside: %s", prefix, e)
+        set_aside(store, run, step, reason)
     return None
 
 

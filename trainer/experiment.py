@@ -87,6 +87,9 @@ class ExperimentConfig:
     # torch.compile each repeated block of the network (as torchtitan does), each as one graph (fullgraph: a graph
     # break is an error); the parameters keep their names, so checkpoints load into an uncompiled network
     compile: bool = False
+    # how long a collective may wait for the other ranks before the process group fails (a checkpoint upload or
+    # a slow rank's resume sits inside one); not part of `parallel`, so a resumed run may change it
+    process_group_timeout_s: int = 1800
     log_every_images: int = 2**14
     sample_every_images: int = 2**18  # a grid from the EMA weights, rank 0; 0: none (latent runs)
     sample_steps: int = 32  # DDIM steps of that grid: a progress picture, not an evaluation
@@ -99,6 +102,9 @@ class ExperimentConfig:
             raise ConfigError("total_images and log_every_images must be positive, sample_every_images >= 0")
         if self.sample_steps < 1:
             raise ConfigError(f"sample_steps must be at least 1, found {self.sample_steps}")
+        if self.process_group_timeout_s <= 0:
+            raise ConfigError(f"process_group_timeout_s must be a positive number of seconds, found "
+                              f"{self.process_group_timeout_s}")
         if self.sample_guidance < 0:
             raise ConfigError(f"sample_guidance must be >= 0, found {self.sample_guidance}")
         self.network.build_config()  # an unknown preset or field fails at load time, not after start-up

@@ -5,8 +5,8 @@ global batch), and the checkpoint holds the network, optimizer, EMA, adaptive sa
 states, so a run resumed from a checkpoint produces bitwise the same losses as one that was never interrupted (same world size).
 
 Backends (`parallel.backend`): DDP, FSDP2 and DeepSpeed ZeRO, wrapped by trainer/parallel.py; accelerate creates the
-process group (gloo on CPU, NCCL on GPUs) and the step itself is plain PyTorch. Rank 0 decides where to resume
-(`checkpoint.latest_complete`) and tells the others.
+process group (gloo on CPU, NCCL on GPUs) and the step itself is plain PyTorch. The ranks agree where to resume
+(`newest_verified`: each rank verifies its own files).
 
 Stopping. SIGTERM (scancel, Kubernetes eviction, torchrun forwarding its own SIGTERM) and SIGUSR1
 (`sbatch --signal=USR1@120`) let the current step finish; the ranks agree on it in the per-step all-reduce,
@@ -22,6 +22,7 @@ and `tensorboard/` (one record per log interval, from rank 0: trainer/metrics.py
 from __future__ import annotations
 
 import ctypes
+import datetime
 import io
 import logging
 import math
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from PIL import Image
 from torch import Tensor, nn
 
@@ -281,11 +283,33 @@ def last_checkpoint_complete(p: Parts, saved: bool) -> bool:
     return bool(flag[0] > 0)
 
 
-def resume(p: Parts, store: Store, stream: Stream) -> Progress:
-    """Load the newest complete checkpoint, chosen by rank 0 so that every rank loads the same one."""
-    step = [checkpoint.latest_complete(store, p.cfg.run) if p.rank == 0 else None]
+def newest_verified(p: Parts, store: Store) -> int | None:
+    """The newest complete checkpoint whose files every rank has verified, each rank its own files (rank 0 also
+    the shared ones): no rank hashes the others' files while they wait. A corrupted one is set aside by rank 0;
+    one the store cannot read now is skipped."""
+    steps = [list(reversed(checkpoint.complete_steps(store, p.cfg.run))) if p.rank == 0 else None]
     if p.world_size > 1:
-        dist.broadcast_object_list(step, src=0)
+        dist.broadcast_object_list(steps, src=0)
+    for step in steps[0]:
+        found = [checkpoint.rank_check(store, p.cfg.run, step, p.rank)]
+        if p.world_size > 1:
+            found = [None] * p.world_size
+            dist.all_gather_object(found, checkpoint.rank_check(store, p.cfg.run, step, p.rank))
+        problems = [f for f in found if f is not None]
+        if not problems:
+            return step
+        if p.rank == 0:
+            corrupted = [why for kind, why in problems if kind == "corrupted"]
+            if corrupted:
+                checkpoint.set_aside(store, p.cfg.run, step, "; ".join(corrupted))
+            else:
+                log.warning("checkpoint %09d cannot be read now, skipped: %s", step, problems[0][1])
+    return None
+
+
+def resume(p: Parts, store: Store, stream: Stream) -> Progress:
+    """Load the newest verified checkpoint; every rank loads the same one."""
+    step = [newest_verified(p, store)]
     if step[0] is None:
         return Progress()
     state = checkpoint.load_rank(store, p.cfg.run, step[0], p.rank, p.world_size)
@@ -411,7 +435,8 @@ def main(config_path: str, overrides: Sequence[str] = ()) -> int:
     # On CPU, cpu=True is what makes accelerate read torchrun's environment; without it every rank believes it
     # is alone and trains its own model. The world size is checked against the launcher's for that reason.
     # mixed_precision="no": the step applies cfg.precision itself, the same way for every backend
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.process_group_timeout_s))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", kwargs_handlers=[timeout])
     if accelerator.device.type == "cpu":  # GPU memory has its own caching allocator
         keep_freed_memory()
     elif cfg.precision == "fp32":  # TF32 matmuls and convolutions: fp32 storage, 10-bit mantissa products
