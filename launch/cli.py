@@ -153,19 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def run() -> None:
-    """The `elbodiff` command and `python -m launch.cli`: `main`, then an exit without the interpreter's teardown.
+def exit_now(code: int) -> None:
+    """Exit with `code` without the interpreter's teardown, once everything the process writes is written.
 
-    Once a rank is done, everything it writes has been written and flushed, and its exit code is what a launcher
-    acts on (75: requeue). The teardown destroys torch.distributed's C++ objects (gloo's worker threads, the
-    TCPStore's) in an order that can abort the process with "terminate called without an active exception"
-    (SIGABRT, -6 instead of 75 or 0): seen in 3 of a few hundred 2-rank CPU launches, with and without
-    destroy_process_group first, never on demand."""
-    code = main()
+    The exit code is what a launcher acts on (75: requeue). The teardown destroys torch.distributed's C++ objects
+    (gloo's worker threads, the TCPStore's) in an order that can abort a process that has finished its work with
+    "terminate called without an active exception" (SIGABRT, -6 instead of 75 or 0): seen in 4 of a few hundred
+    2-process CPU runs, with and without destroy_process_group first, never on demand."""
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
+
+
+def run() -> None:
+    """The `elbodiff` command and `python -m launch.cli`."""
+    exit_now(main())
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from eval import bpd, sample
 from eval.checkpoints import load_network
-from launch.cli import main
+from launch.cli import exit_now, main
 from trainer.store import open_store
 
 store, run, val, out, argv = sys.argv[1:]
@@ -20,4 +20,4 @@ rank, world, device = sample.distributed()
 result = bpd.bits_per_dim(load_network(open_store(store), run, 1), val, rank=rank, world=world, batch_size=5)
 if rank == 0:
     Path(out).write_text(json.dumps({**result, "world": world}))
-sys.exit(main(json.loads(argv)))
+exit_now(main(json.loads(argv)))

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from launch.cli import exit_now
 from s3server import BUCKET, free_port, s3_endpoint  # noqa: F401  (fixture)
 from trainer import checkpoint
 from trainer.checkpoint import (CheckpointConfig, all_steps, apply_retention, complete_steps, latest_complete,
@@ -109,6 +110,7 @@ def _two_rank_worker(rank, world_size, port, local_root, s3_uri, endpoint):
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_now(0)  # passed: skip the interpreter teardown that can abort a gloo process (launch/cli.py)
 
 
 @pytest.mark.slow  # two spawned processes: about 10 s idle, more on a loaded machine
