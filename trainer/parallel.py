@@ -81,7 +81,8 @@ class Backend:
         self.optimizer.zero_grad(set_to_none=True)
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
-        """Around a micro-batch's forward and backward: DDP's no_sync for all but the last."""
+        """Around a micro-batch's forward and backward: DDP's no_sync for all but the last (DeepSpeed's engine
+        counts micro-batches itself and reduces at its accumulation boundary)."""
         if last or not isinstance(self.net, nn.parallel.DistributedDataParallel):
             return contextlib.nullcontext()
         return self.net.no_sync()
@@ -231,10 +232,7 @@ class DeepSpeed(Backend):
         super().__init__(self.engine.module, self.engine, zero_optimizer, accumulation)
 
     def zero_grad(self) -> None:
-        pass  # the engine zeroes the gradients after each optimizer step, applied or skipped
-
-    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()  # the engine counts micro-batches and reduces at its accumulation boundary
+        """Nothing to do: the engine zeroes the gradients after each optimizer step, applied or skipped."""
 
     def backward(self, loss: Tensor, last: bool = True) -> None:
         self.engine.backward(loss)  # divided by gradient_accumulation_steps inside

@@ -80,7 +80,8 @@ def draw_noise(cfg: ExperimentConfig, images_seen: int, start: int, global_batch
     not depend on how the global batch is split over ranks and micro-batches. Antithetic t shares u0 over the
     global batch, whose positions stratify [0, 1] (VDM App. I.1); uniform t is the example's own."""
     n = shape[0]
-    seeds = np.random.SeedSequence((cfg.seed, images_seen)).generate_state(global_batch + 1, np.uint64)
+    # word 0 seeds u0, word 1 + i position i; a prefix of the words is the same however many are generated
+    seeds = np.random.SeedSequence((cfg.seed, images_seen)).generate_state(1 + start + n, np.uint64)
     own = [torch.Generator(device).manual_seed(int(s)) for s in seeds[1 + start:1 + start + n]]
     eps = torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device) for g in own])
     if cfg.objective.time_sampler == "antithetic":
@@ -291,10 +292,11 @@ def newest_verified(p: Parts, store: Store) -> int | None:
     if p.world_size > 1:
         dist.broadcast_object_list(steps, src=0)
     for step in steps[0]:
-        found = [checkpoint.rank_check(store, p.cfg.run, step, p.rank)]
+        mine = checkpoint.rank_check(store, p.cfg.run, step, p.rank)
+        found = [mine]
         if p.world_size > 1:
             found = [None] * p.world_size
-            dist.all_gather_object(found, checkpoint.rank_check(store, p.cfg.run, step, p.rank))
+            dist.all_gather_object(found, mine)
         problems = [f for f in found if f is not None]
         if not problems:
             return step
